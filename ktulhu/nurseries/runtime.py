@@ -1,0 +1,45 @@
+"""What the tree provides to request handlers: settings, readiness and the running services."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ..settings import Settings
+from .readiness import Readiness
+
+if TYPE_CHECKING:
+    from ..engine.model import Model
+    from ..router.service import Router
+    from ..store import Store
+
+__all__ = ["Runtime", "ServiceFailed"]
+
+
+class ServiceFailed(Exception):
+    """A service of the tree failed; the server stops. `str()` is the one log line operators see."""
+
+    def __init__(self, service: str, error: BaseException) -> None:
+        self.service = service
+        self.error = error
+        super().__init__(f"{service} service failed: {type(error).__name__}: {error}")
+
+
+@attrs.define
+class Runtime:
+    """One per process. Services fill their slot when they report readiness and clear it on exit."""
+
+    settings: Settings
+    readiness: Readiness = attrs.field(factory=Readiness)
+    #: Set on SIGINT/SIGTERM: long-lived handlers (WS sessions, streams) end their work with final frames.
+    shutting_down: trio.Event = attrs.field(factory=trio.Event)
+    store: Store | None = None
+    model: Model | None = None
+    router: Router | None = None
+
+    def request_shutdown(self) -> None:
+        """Stop accepting work: `/readyz` turns 503 and long-lived handlers wrap up."""
+        self.readiness.stopping = True
+        self.shutting_down.set()
