@@ -25,5 +25,8 @@ serve: setup model
 test: setup model
 	$(BIN)/python -m pytest
 
+bench-store: setup
+	$(BIN)/python -m bench.store
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

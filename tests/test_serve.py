@@ -139,3 +139,22 @@ def test_hypercorn_trio_worker_runs_the_same_tree(server_dir: Path, free_port: i
     code, seconds, out = stop(proc)
     assert code == 0 and seconds < 5, out
     assert "store closed" in out
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "0"]])
+def test_hypercorn_stops_when_a_service_crashes(server_dir: Path, free_port: int, workers: list[str]) -> None:
+    """hypercorn would keep serving after a failed lifespan task; our supervisor ends the worker.
+
+    In-process (`--workers 0`) the exit code is ours (3). hypercorn's master process reports 0 for a
+    worker that died (its own bookkeeping), so there the test checks that the server did stop.
+    """
+    (server_dir / "models" / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    proc = spawn([str(BIN / "hypercorn"), "--worker-class", "trio", *workers, "--bind",
+                  f"127.0.0.1:{free_port}", "ktulhu.asgi:app"], server_dir, LLAMA_CLI_MODEL="models/broken.gguf")
+    out, _ = proc.communicate(timeout=60)
+    if workers:
+        assert proc.returncode == 3, out
+    lines = [line for line in out.splitlines() if "ktulhu stopped" in line]
+    assert len(lines) == 1 and "model service failed: ModelLoadError" in lines[0]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{free_port}/healthz", timeout=2)

@@ -1,0 +1,302 @@
+"""Message operations (original §6.3, plus per-chat order, recent messages and summaries by index).
+
+New messages are stored at ``msg:<chat_id>:<seq>``: ``seq`` is 1 + the chat's last seq, given out
+under the chat's lock, and ``ts`` (ms) is raised to the chat's last ``ts`` if the clock went back, so
+a reply never sorts before its prompt — by key or by time. Messages the original wrote stay at their
+``chat:<id>:msg:<ts s>:<id>`` keys and read first (they are older than every new one).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from . import keys
+from .keys import check_id
+from .records import Message, encode, now_ms
+
+if TYPE_CHECKING:
+    from rocksdict import WriteBatch
+
+__all__ = ["MessageOps"]
+
+SUMMARY = "summary"
+
+
+class MessageOps:
+    """Mixin of `Store`: every method is synchronous, thread-safe and validates its ids first."""
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def save_message(self: Any, message: Message) -> Message:
+        """Store `message` and return it as stored (with ``seq``, and ``ts`` never before the chat's
+        previous message). A message whose id the chat already has is replaced in place, keeping its
+        position. Raises `InvalidId` for an unsafe chat or message id."""
+        chat_id = check_id(message.chat_id, "chat id")
+        check_id(message.id, "message id")
+        with self._locks.hold("chat:" + chat_id):
+            batch = self._batch()
+            stored, summary_changed = self._put_message(batch, message)
+            self._write(batch)
+            if summary_changed:
+                self._refresh_summary_pointer(chat_id)
+        return stored
+
+    def delete_message(self: Any, chat_id: str, message_id: str) -> bool:
+        """Delete one message; False when the chat has no message with that id."""
+        check_id(chat_id, "chat id")
+        check_id(message_id, "message id")
+        with self._locks.hold("chat:" + chat_id):
+            key = self._get(keys.ix_msg_id(chat_id, message_id))
+            if key is None:
+                return False
+            message = self._load(Message, key)
+            batch = self._batch()
+            self._drop_message(batch, chat_id, message_id, key, message)
+            self._write(batch)
+            if message is None or message.role == SUMMARY:
+                self._refresh_summary_pointer(chat_id)
+            return True
+
+    def set_message_liked(self: Any, chat_id: str, message_id: str, liked: bool) -> bool:
+        """Set the ``liked`` flag; False when the message is not found (or unreadable)."""
+        return self.update_message(chat_id, message_id, lambda m: _with(m, liked=bool(liked))) is not None
+
+    def update_message(self: Any, chat_id: str, message_id: str, change: Any) -> Message | None:
+        """Read-modify-write one message under the chat's lock: `change(message) -> message`.
+
+        Id, chat and position are kept. Returns the stored message, or None when not found."""
+        check_id(chat_id, "chat id")
+        check_id(message_id, "message id")
+        with self._locks.hold("chat:" + chat_id):
+            key = self._get(keys.ix_msg_id(chat_id, message_id))
+            old = None if key is None else self._load(Message, key)
+            if old is None:
+                return None
+            new = change(_with(old))
+            new.id, new.chat_id, new.seq, new.ts = old.id, old.chat_id, old.seq, old.ts
+            batch = self._batch()
+            batch.put(key, encode(new))
+            self._write(batch)
+            if (old.role == SUMMARY) != (new.role == SUMMARY):
+                self._refresh_summary_pointer(chat_id)
+            return new
+
+    def remove_messages_by_role(self: Any, chat_id: str, role: str) -> int:
+        """Delete every message of the chat with `role`; returns how many (one batch)."""
+        check_id(chat_id, "chat id")
+        with self._locks.hold("chat:" + chat_id):
+            batch = self._batch()
+            count = 0
+            for key, message in self._chat_entries(chat_id):
+                if message.role == role:
+                    self._drop_message(batch, chat_id, message.id, key, message)
+                    count += 1
+            if role == SUMMARY:
+                batch.delete(keys.ix_summary(chat_id))
+            self._write(batch)
+            return count
+
+    def replace_summary(
+        self: Any, chat_id: str, text: str, *, language: str | None = None,
+        message_id: str | None = None, ts: int | None = None,
+    ) -> Message:
+        """Atomically delete the chat's ``summary`` messages and save a new one with `text`."""
+        check_id(chat_id, "chat id")
+        message = Message(
+            id=check_id(message_id or str(uuid.uuid4()), "message id"), chat_id=chat_id, role=SUMMARY,
+            text=text, language=language, ts=now_ms() if ts is None else ts,
+        )
+        with self._locks.hold("chat:" + chat_id):
+            batch = self._batch()
+            for key, old in self._chat_entries(chat_id):
+                if old.role == SUMMARY and old.id != message.id:
+                    self._drop_message(batch, chat_id, old.id, key, old)
+            stored, _ = self._put_message(batch, message)
+            batch.put(keys.ix_summary(chat_id), self._get(keys.ix_msg_id(chat_id, stored.id))
+                      or keys.msg_key(chat_id, stored.seq or 0))
+            self._write(batch)
+            return stored
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def list_messages_for_chat(self: Any, chat_id: str, *, last: int | None = None) -> list[Message]:
+        """The chat's messages in order (original records first, then by ``seq``).
+
+        With `last`, only the newest `last` messages (still oldest first), read from the end."""
+        check_id(chat_id, "chat id")
+        if last is None:
+            return [m for _, m in self._chat_entries(chat_id)]
+        if last <= 0:
+            return []
+        newest: list[Message] = []
+        for prefix in (keys.msg_prefix(chat_id), keys.legacy_msg_prefix(chat_id)):
+            for key, raw in self._scan(prefix, reverse=True):
+                message = self._message_of(chat_id, key, raw)
+                if message is not None:
+                    newest.append(message)
+                    if len(newest) >= last:
+                        return newest[::-1]
+        return newest[::-1]
+
+    def find_message(self: Any, chat_id: str, message_id: str) -> Message | None:
+        """One message by id (through the index), or None."""
+        check_id(chat_id, "chat id")
+        check_id(message_id, "message id")
+        key = self._get(keys.ix_msg_id(chat_id, message_id))
+        if key is None:
+            return None
+        message = self._load(Message, key)
+        if message is None or message.id != message_id or message.chat_id != chat_id:
+            return None
+        return message
+
+    def chat_summary(self: Any, chat_id: str) -> Message | None:
+        """The chat's last ``summary`` message, or None (one index read, no scan)."""
+        check_id(chat_id, "chat id")
+        key = self._get(keys.ix_summary(chat_id))
+        if key is None:
+            return None
+        message = self._load(Message, key)
+        if message is not None and message.role == SUMMARY and message.chat_id == chat_id:
+            return message
+        self._count("stale")
+        for _, message in reversed(list(self._chat_entries(chat_id))):
+            if message.role == SUMMARY:
+                return message
+        return None
+
+    def list_recent_messages(self: Any, limit: int) -> list[Message]:
+        """The newest `limit` messages of the whole store, ``ts`` descending then id ascending
+        (the original's order), read from the end of the recent index: no scan. limit <= 0 -> []."""
+        if limit <= 0:
+            return []
+        found: list[Message] = []
+        boundary: int | None = None  # ts of the limit-th message: ties with it are still read
+        pending: list[tuple[int, bytes]] = []
+
+        def flush() -> None:
+            values = self._get_many([target for _, target in pending])
+            for (ts, target), raw in zip(pending, values):
+                message = self._decode(Message, target, raw)
+                if message is None:
+                    self._count("stale")
+                    continue
+                found.append(message)
+            pending.clear()
+
+        for key, target in self._scan(keys.IX_RECENT, reverse=True):
+            ts = int(key[len(keys.IX_RECENT): len(keys.IX_RECENT) + 16])
+            if boundary is not None and ts != boundary:
+                break
+            pending.append((ts, target))
+            if boundary is None and len(found) + len(pending) >= limit:
+                flush()
+                if len(found) >= limit:
+                    boundary = found[limit - 1].ts_ms
+                    if ts != boundary:
+                        break
+        flush()
+        found.sort(key=lambda m: (-m.ts_ms, m.id))
+        return found[:limit]
+
+    def list_messages_for_device(self: Any, device_hash: str) -> list[Message]:
+        """All messages of the device's chats, ``ts`` ascending (stable)."""
+        messages: list[Message] = []
+        for chat in self.list_chats_for_device(device_hash):
+            messages.extend(self.list_messages_for_chat(chat.id))
+        messages.sort(key=lambda m: m.ts_ms)
+        return messages
+
+    # --- internals (callers hold the chat's lock) ----------------------------------------------
+
+    def _message_of(self: Any, chat_id: str, key: bytes, raw: bytes) -> Message | None:
+        message = self._decode(Message, key, raw)
+        if message is not None and message.chat_id != chat_id:
+            self._count("foreign")
+            return None
+        return message
+
+    def _chat_entries(self: Any, chat_id: str) -> Any:
+        """(key, message) for every readable message of the chat, in order."""
+        for prefix in (keys.legacy_msg_prefix(chat_id), keys.msg_prefix(chat_id)):
+            for key, raw in self._scan(prefix):
+                message = self._message_of(chat_id, key, raw)
+                if message is not None:
+                    yield key, message
+
+    def _chat_tail(self: Any, chat_id: str) -> tuple[int, int]:
+        """(last seq, last ts in ms) of the chat: cached, else read from the ends of both prefixes."""
+        tail = self._tail_get(chat_id)
+        if tail is not None:
+            return tail
+        seq, last_ts = 0, 0
+        for key, raw in self._scan(keys.msg_prefix(chat_id), reverse=True):
+            seq = keys.seq_of_msg_key(key)
+            message = self._message_of(chat_id, key, raw)
+            if message is not None:
+                last_ts = message.ts_ms
+                break
+        if last_ts == 0:
+            for key, raw in self._scan(keys.legacy_msg_prefix(chat_id), reverse=True):
+                message = self._message_of(chat_id, key, raw)
+                if message is not None:
+                    last_ts = message.ts_ms
+                    break
+        return seq, last_ts
+
+    def _put_message(self: Any, batch: "WriteBatch", message: Message) -> tuple[Message, bool]:
+        """Add the message and its index entries to `batch`; returns (stored, summary pointer stale)."""
+        chat_id = message.chat_id
+        message = _with(message)
+        existing_key = self._get(keys.ix_msg_id(chat_id, message.id))
+        old = None if existing_key is None else self._load(Message, existing_key)
+        summary_changed = False
+        if existing_key is not None and old is not None:
+            key = existing_key
+            message.seq = old.seq
+            batch.delete(keys.ix_recent(old.ts_ms, chat_id, old.id))
+            summary_changed = (old.role == SUMMARY) != (message.role == SUMMARY)
+        else:
+            if existing_key is not None:  # index points at a corrupt or vanished record
+                batch.delete(existing_key)
+            seq, last_ts = self._chat_tail(chat_id)
+            message.seq = seq + 1
+            if message.ts_ms < last_ts:
+                message.ts = last_ts
+            key = keys.msg_key(chat_id, message.seq)
+            self._tail_set(chat_id, (message.seq, max(message.ts_ms, last_ts)))
+            if message.role == SUMMARY:
+                batch.put(keys.ix_summary(chat_id), key)
+        batch.put(key, encode(message))
+        batch.put(keys.ix_msg_id(chat_id, message.id), key)
+        batch.put(keys.ix_recent(message.ts_ms, chat_id, message.id), key)
+        return message, summary_changed
+
+    def _drop_message(
+        self: Any, batch: "WriteBatch", chat_id: str, message_id: str, key: bytes, message: Message | None
+    ) -> None:
+        batch.delete(key)
+        batch.delete(keys.ix_msg_id(chat_id, message_id))
+        if message is not None:
+            batch.delete(keys.ix_recent(message.ts_ms, chat_id, message.id))
+
+    def _refresh_summary_pointer(self: Any, chat_id: str) -> None:
+        """Point ``ix:summary:<chat>`` at the chat's last summary message (after a write)."""
+        last = None
+        for key, message in self._chat_entries(chat_id):
+            if message.role == SUMMARY:
+                last = key
+        batch = self._batch()
+        if last is None:
+            batch.delete(keys.ix_summary(chat_id))
+        else:
+            batch.put(keys.ix_summary(chat_id), last)
+        self._write(batch)
+
+
+def _with(message: Message, **changes: Any) -> Message:
+    """A copy of `message` (attachments and extra copied shallowly) with `changes` applied."""
+    return attrs.evolve(message, attachments=list(message.attachments), extra=dict(message.extra), **changes)

@@ -1,0 +1,180 @@
+"""The versioned schema migration, run by `Store.open` before the store is used.
+
+``meta:schema_version`` holds the version (absent = 0: a fresh directory or one the original wrote).
+
+- 0 -> 1: build every index (``ix:*``) and rebuild the original's device index (``device_chat:*``)
+  from the records, in place. Original records are neither moved nor rewritten.
+
+The migration is idempotent: it first deletes the index ranges it builds, so a run interrupted by a
+crash is simply run again at the next open, and `rebuild_indexes` run twice leaves the same bytes.
+The version is written (synced) only after the indexes are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+from rocksdict import WriteOptions
+
+from . import keys
+from .errors import StoreError
+from .keys import is_valid_id
+from .records import ApiKey, Chat, Message, User, UserDevice
+
+if TYPE_CHECKING:
+    from .db import Store
+
+__all__ = ["SCHEMA_VERSION", "IndexReport", "migrate", "rebuild_indexes"]
+
+log = logging.getLogger("ktulhu.store")
+
+SCHEMA_VERSION = 1
+#: Index entries per WriteBatch while rebuilding.
+BATCH_OPS = 20_000
+
+
+@attrs.define
+class IndexReport:
+    """What a rebuild indexed and what it had to skip (each skip is logged)."""
+
+    chats: int = 0
+    messages: int = 0
+    users: int = 0
+    devices: int = 0
+    api_keys: int = 0
+    skipped_ids: int = 0
+    identity_conflicts: int = 0
+
+
+def read_version(store: "Store") -> int:
+    raw = store._get(keys.SCHEMA_VERSION)
+    if raw is None:
+        return 0
+    try:
+        return int(raw.decode())
+    except ValueError:
+        raise StoreError(f"the store at {store.path} has an unreadable schema version {raw[:40]!r}") from None
+
+
+def migrate(store: "Store") -> int:
+    """Bring the store to `SCHEMA_VERSION`; returns the version it was at. Blocking."""
+    version = read_version(store)
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the store at {store.path} has schema version {version}, newer than this Ktulhu "
+            f"understands ({SCHEMA_VERSION}); upgrade Ktulhu or use another KTULHU_DB_PATH"
+        )
+    if version < 1:
+        if _is_empty(store):
+            log.info("new store at %s: schema version %d", store.path, SCHEMA_VERSION)
+        else:
+            log.info("migrating the store at %s from schema version %d to 1: building indexes", store.path, version)
+            report = rebuild_indexes(store)
+            log.info("store indexes built: %s", report)
+        _set_version(store, 1)
+    store.schema_version = SCHEMA_VERSION
+    return version
+
+
+def _is_empty(store: "Store") -> bool:
+    for _ in store._rdict().keys():
+        return False
+    return True
+
+
+def _set_version(store: "Store", version: int) -> None:
+    synced = WriteOptions()
+    synced.sync = True
+    store._rdict().put(keys.SCHEMA_VERSION, str(version).encode(), synced)
+
+
+class _Writer:
+    def __init__(self, store: "Store") -> None:
+        self.store = store
+        self.batch = store._batch()
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.batch.put(key, value)
+        if self.batch.len() >= BATCH_OPS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.store._write(self.batch)
+        self.batch = self.store._batch()
+
+
+def rebuild_indexes(store: "Store") -> IndexReport:
+    """Delete and rebuild every index from the records. Blocking; needs exclusive use of the store."""
+    db = store._rdict()
+    report = IndexReport()
+    for prefix in (keys.IX, keys.DEVICE_CHAT):
+        db.delete_range(prefix, keys.next_prefix(prefix))
+    out = _Writer(store)
+
+    def skip(what: str, key: bytes) -> None:
+        report.skipped_ids += 1
+        log.warning("not indexed (unsafe id): %s at %r", what, key[:200])
+
+    for key, raw in store._scan(keys.CHAT_META):
+        chat = store._decode(Chat, key, raw)
+        if chat is None:
+            continue
+        if not is_valid_id(chat.id) or key != keys.chat_meta_key(chat.id):
+            skip("chat", key)
+            continue
+        store._index_chat(out, chat)
+        report.chats += 1
+
+    summaries: dict[str, bytes] = {}
+    for prefix in (b"chat:", keys.MSG):
+        for key, raw in store._scan(prefix):
+            if key.startswith(keys.CHAT_META):
+                continue
+            message = store._decode(Message, key, raw)
+            if message is None:
+                continue
+            chat_id = message.chat_id
+            expected = keys.legacy_msg_prefix(chat_id) if prefix == b"chat:" else keys.msg_prefix(chat_id)
+            if not (is_valid_id(chat_id) and is_valid_id(message.id) and key.startswith(expected)):
+                skip("message", key)
+                continue
+            out.put(keys.ix_msg_id(chat_id, message.id), key)
+            out.put(keys.ix_recent(message.ts_ms, chat_id, message.id), key)
+            if message.role == "summary":
+                summaries[chat_id] = key
+            report.messages += 1
+    for chat_id, key in summaries.items():
+        out.put(keys.ix_summary(chat_id), key)
+
+    users = [u for k, v in store._scan(keys.USER) if (u := store._decode(User, k, v)) is not None]
+    users.sort(key=lambda u: (u.created_ts, u.id))  # the earliest user keeps a shared email
+    taken: dict[bytes, bytes] = {}
+    for user in users:
+        if not is_valid_id(user.id):
+            skip("user", keys.user_key(user.id))
+            continue
+        report.identity_conflicts += store._index_user(out, user, taken)
+        report.users += 1
+
+    for key, raw in store._scan(keys.USER_DEVICE):
+        device = store._decode(UserDevice, key, raw)
+        if device is None:
+            continue
+        if not (is_valid_id(device.user_id) and is_valid_id(device.device_hash) and is_valid_id(device.id)):
+            skip("device", key)
+            continue
+        out.put(keys.ix_device(device.device_hash, device.user_id, device.id), key)
+        report.devices += 1
+
+    for key, raw in store._scan(keys.APIKEY):
+        api_key = store._decode(ApiKey, key, raw)
+        if api_key is None or not (is_valid_id(api_key.id) and is_valid_id(api_key.user_id)):
+            continue
+        out.put(keys.ix_user_apikey(api_key.user_id, api_key.id), api_key.id.encode())
+        report.api_keys += 1
+
+    out.put(keys.DEVICE_INDEX_BUILT, b"1")
+    out.flush()
+    return report
