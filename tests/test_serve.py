@@ -54,8 +54,10 @@ def wait_ready(base: str, timeout: float = 60.0) -> dict:
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, float, str]:
     started = time.monotonic()
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=15)
-    return proc.returncode, time.monotonic() - started, out
+    proc.wait(timeout=15)
+    seconds = time.monotonic() - started
+    # read through the same buffered pipe wait_for_line used (communicate() would skip its buffer)
+    return proc.returncode, seconds, proc.stdout.read()
 
 
 def test_serve_health_ready_and_sigterm_exit(server_dir: Path) -> None:

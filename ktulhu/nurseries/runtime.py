@@ -11,6 +11,7 @@ from ..settings import Settings
 from .readiness import Readiness
 
 if TYPE_CHECKING:
+    from ..engine.engine import Engine
     from ..engine.model import Model
     from ..router.service import Router
     from ..store import Store
@@ -37,6 +38,7 @@ class Runtime:
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     store: Store | None = None
     model: Model | None = None
+    engine: Engine | None = None
     router: Router | None = None
 
     def request_shutdown(self) -> None:

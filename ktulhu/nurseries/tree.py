@@ -3,7 +3,7 @@
     tree.run
     └── store (open ... close)
         └── services nursery
-            ├── model   (engine service: GGUF loaded once)
+            ├── model   (GGUF loaded once; the batching engine and its decode threads)
             └── router  (intent router)
 
 `run` reports started as soon as the store is open, so HTTP can answer `/healthz` and a 503
@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from . import model as model_service
+from . import engine as engine_service
 from . import router as router_service
 from . import store as store_service
 from .runtime import Runtime, ServiceFailed
@@ -30,7 +30,7 @@ log = logging.getLogger("ktulhu.tree")
 Service = Callable[..., Awaitable[Any]]
 #: (name, run) of every service under the store, brought up concurrently.
 SERVICES: tuple[tuple[str, Service], ...] = (
-    ("model", model_service.run),
+    ("model", engine_service.run),
     ("router", router_service.run),
 )
 

@@ -1,19 +1,20 @@
-"""Model service: the GGUF is loaded once, off the trio thread, and freed when the tree stops."""
+"""Engine service: the GGUF is loaded once (off the trio thread), then the batching engine runs.
+
+The engine's decode threads stop before the model is freed; the model is freed when the tree stops.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import attrs
 import trio
 
+from ..engine.engine import Engine
 from ..engine.model import Model
 from .runtime import Runtime
 
 __all__ = ["run"]
-
-log = logging.getLogger("ktulhu.engine")
 
 
 async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
@@ -22,8 +23,12 @@ async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]])
     model = await trio.to_thread.run_sync(Model.load, settings, abandon_on_cancel=True)
     try:
         runtime.model = model
-        task_status.started(attrs.asdict(model.info))
-        await trio.sleep_forever()
+        engine = Engine(model, settings)
+        async with trio.open_nursery() as nursery:
+            engine_info = await nursery.start(engine.run)
+            runtime.engine = engine
+            task_status.started({**attrs.asdict(model.info), **engine_info})
     finally:
+        runtime.engine = None
         runtime.model = None
         model.close()

@@ -1,0 +1,169 @@
+"""The trio face of inference: bounded admission, decode workers, and chat prompts.
+
+    Engine.run (engine nursery)
+    ├── feeder[i]       takes requests from the admission channel when worker i has a free slot
+    └── decode thread[i] DecodeWorker.run: batched steps over its slots
+
+`generate()` puts a request into a bounded memory channel (`KTULHU_QUEUE`); when it is full the
+caller gets `Busy` at once, nothing queued. A request waits there until a worker has a free slot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import llama_cpp
+import trio
+
+from ..settings import Settings
+from .model import Model
+from .prompt import ChatMessage, ContextTooLong, Prompt, PromptBuilder, PromptError
+from .request import Busy, EngineClosed, Generation
+from .sampling import SamplingParams
+from .worker import DecodeWorker, WorkerStats, physical_cores
+
+__all__ = ["Engine", "EngineStats"]
+
+log = logging.getLogger("ktulhu.engine")
+
+
+@attrs.frozen
+class EngineStats:
+    """A snapshot for `/metrics` and the admin panel."""
+
+    queue_depth: int
+    queue_capacity: int
+    workers: tuple[WorkerStats, ...]
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(w.busy_slots for w in self.workers)
+
+    @property
+    def kv_usage(self) -> float:
+        capacity = sum(w.kv_capacity for w in self.workers)
+        return 0.0 if capacity == 0 else sum(w.kv_tokens for w in self.workers) / capacity
+
+
+class Engine:
+    """Batched generation on one loaded model. Create it, then run `run` in a nursery."""
+
+    def __init__(self, model: Model, settings: Settings, *, prompt_builder: PromptBuilder | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.n_ctx_seq = min(settings.ctx, model.info.n_ctx_train) if model.info.n_ctx_train > 0 else settings.ctx
+        self.prompts = prompt_builder or _prompt_builder(model, settings)
+        self._send, self._receive = trio.open_memory_channel[Generation](settings.queue)
+        self._workers: list[DecodeWorker] = []
+        self._running = False
+
+    # --- service ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
+        settings = self.settings
+        threads = settings.threads or physical_cores()
+        token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(settings.engine_workers):
+                    slots_free = trio.Semaphore(settings.n_slots)
+                    worker = await trio.to_thread.run_sync(
+                        lambda: DecodeWorker(self.model, n_slots=settings.n_slots, n_ctx_seq=self.n_ctx_seq,
+                                             n_threads=threads, trio_token=token,
+                                             on_slot_free=slots_free.release)
+                    )
+                    self._workers.append(worker)
+                    nursery.start_soon(self._run_worker, worker, name=f"decode-{index}")
+                    nursery.start_soon(self._feed, worker, slots_free, name=f"feeder-{index}")
+                self._running = True
+                task_status.started({"slots": settings.n_slots, "workers": settings.engine_workers,
+                                     "n_ctx_per_slot": self.n_ctx_seq, "threads": threads,
+                                     "queue": settings.queue})
+        finally:
+            self._running = False
+            self._send.close()
+            while True:  # requests still waiting for a slot end now, with a clear error
+                try:
+                    self._receive.receive_nowait().fail(EngineClosed("the server is shutting down"))
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+
+    async def _run_worker(self, worker: DecodeWorker) -> None:
+        try:
+            await trio.to_thread.run_sync(worker.run, abandon_on_cancel=True)
+        finally:
+            worker.stop()
+            with trio.CancelScope(shield=True):  # the context is freed by its own thread: wait for it
+                await trio.to_thread.run_sync(worker.stopped.wait, 10.0)
+
+    async def _feed(self, worker: DecodeWorker, slots_free: trio.Semaphore) -> None:
+        async for gen in self._receive:
+            try:
+                await slots_free.acquire()
+            except BaseException:
+                gen.fail(EngineClosed("the server is shutting down"))
+                raise
+            worker.submit(gen)
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def build_prompt(self, messages: Sequence[ChatMessage], max_tokens: int) -> Prompt:
+        """Chat messages -> tokens within the slot's context (raises `PromptError`/`ContextTooLong`)."""
+        return self.prompts.build(messages, n_ctx=self.n_ctx_seq, max_tokens=max_tokens)
+
+    def generate(self, tokens: Sequence[int], params: SamplingParams, *, chat_id: str | None = None) -> Generation:
+        """Queue a generation and return its handle (use `with`); raises `Busy` when the queue is full."""
+        if not self._running:
+            raise EngineClosed("the engine is not running")
+        if not tokens:
+            raise PromptError("empty prompt")
+        n_vocab = self.model.info.n_vocab
+        if any(not 0 <= t < n_vocab for t in tokens):
+            raise PromptError(f"token ids must be from 0 to {n_vocab - 1}")
+        if len(tokens) >= self.n_ctx_seq:
+            raise ContextTooLong(len(tokens) + 1, self.n_ctx_seq)
+        gen = Generation.create(tokens, params, chat_id)
+        try:
+            self._send.send_nowait(gen)
+        except trio.WouldBlock:
+            raise Busy(f"the server is busy ({self.settings.queue} requests waiting); try again shortly") from None
+        return gen
+
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *, chat_id: str | None = None) -> Generation:
+        prompt = self.build_prompt(messages, params.max_tokens)
+        if prompt.max_tokens < params.max_tokens:
+            params = attrs.evolve(params, max_tokens=prompt.max_tokens)
+        return self.generate(prompt.tokens, params, chat_id=chat_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            queue_depth=self._receive.statistics().current_buffer_used,
+            queue_capacity=self.settings.queue,
+            workers=tuple(w.stats() for w in self._workers),
+        )
+
+
+def _prompt_builder(model: Model, settings: Settings) -> PromptBuilder:
+    def tokenize(text: str, special: bool) -> list[int]:
+        return model.tokenize(text, special=special)
+
+    bos = _token_text(model, llama_cpp.llama_vocab_bos(model.vocab))
+    eos = _token_text(model, llama_cpp.llama_vocab_eos(model.vocab))
+    if settings.chat_template_path == "gguf":
+        source = llama_cpp.llama_model_chat_template(model.handle, None)
+        if not source:
+            raise PromptError("CHAT_TEMPLATE_PATH=gguf but the model has no embedded chat template; "
+                              "set CHAT_TEMPLATE_PATH to a template file")
+        return PromptBuilder(source.decode("utf-8"), tokenize, bos, eos)
+    return PromptBuilder.from_file(settings.path(settings.chat_template_path), tokenize,
+                                   bos_token=bos, eos_token=eos)
+
+
+def _token_text(model: Model, token: int) -> str:
+    if token < 0:
+        return ""
+    text = llama_cpp.llama_vocab_get_text(model.vocab, token)
+    return text.decode("utf-8", "replace") if text else ""

@@ -1,0 +1,137 @@
+"""One generation as both sides see it: the decode thread fills it, a trio task reads it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from .sampling import SamplingParams
+
+__all__ = ["Busy", "EngineClosed", "EngineError", "Finished", "Generation", "RequestMetrics"]
+
+
+class EngineError(Exception):
+    """Generation failed; the message is safe to show to the user."""
+
+
+class Busy(EngineError):
+    """The admission queue is full. Nothing was queued; the caller may retry shortly."""
+
+
+class EngineClosed(EngineError):
+    """The engine stopped (server shutting down) before this generation finished."""
+
+
+@attrs.define
+class RequestMetrics:
+    """Timings (time.perf_counter seconds) and token counts of one generation."""
+
+    submitted: float
+    prompt_tokens: int
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    gaps: list[float] = attrs.field(factory=list)
+    cancel_requested: float | None = None
+    slot_freed: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.admitted is None else self.admitted - self.submitted
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.submitted
+
+    @property
+    def cancel_latency(self) -> float | None:
+        if self.cancel_requested is None or self.slot_freed is None:
+            return None
+        return max(0.0, self.slot_freed - self.cancel_requested)
+
+
+@attrs.frozen
+class Finished:
+    #: "eos" (end of turn), "stop" (a stop string), "length" (max tokens or context), "cancelled",
+    #: "error".
+    reason: str
+    metrics: RequestMetrics
+
+
+@attrs.define(eq=False)
+class Generation:
+    """Handle of a submitted generation. Iterate it for text pieces; leaving `with` cancels it.
+
+    Pieces are coalesced: a slow reader gets everything produced since its last read in one
+    piece, never less. `finished` is set when the iteration ends.
+    """
+
+    tokens: tuple[int, ...]
+    params: SamplingParams
+    chat_id: str | None
+    metrics: RequestMetrics
+    #: Set by the trio side, read by the decode thread at the start of every step.
+    cancelled: bool = False
+    finished: Finished | None = None
+    error: EngineError | None = None
+    _pieces: list[str] = attrs.field(factory=list)
+    _event: trio.Event = attrs.field(factory=trio.Event)
+
+    @classmethod
+    def create(cls, tokens: Sequence[int], params: SamplingParams, chat_id: str | None) -> "Generation":
+        return cls(tuple(tokens), params, chat_id, RequestMetrics(time.perf_counter(), len(tokens)))
+
+    # --- trio side ----------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the decode thread to drop this sequence at its next step (idempotent)."""
+        if not self.cancelled and self.finished is None:
+            self.metrics.cancel_requested = time.perf_counter()
+            self.cancelled = True
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    def __aiter__(self) -> "Generation":
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            if self._pieces:
+                text = "".join(self._pieces)
+                self._pieces.clear()
+                return text
+            if self.error is not None:
+                raise self.error
+            if self.finished is not None:
+                raise StopAsyncIteration
+            await self._event.wait()
+            self._event = trio.Event()
+
+    async def text(self) -> str:
+        """The whole reply (for non-streaming callers)."""
+        return "".join([piece async for piece in self])
+
+    # --- called on the trio thread on behalf of the decode thread (run_sync_soon) ---------------
+
+    def deliver(self, text: str, finished: Finished | None = None) -> None:
+        if text:
+            self._pieces.append(text)
+        if finished is not None:
+            self.finished = finished
+        self._event.set()
+
+    def fail(self, error: EngineError) -> None:
+        if self.finished is None:
+            self.error = error
+            self.finished = Finished("error", self.metrics)
+        self._event.set()

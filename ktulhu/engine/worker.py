@@ -1,0 +1,348 @@
+"""One llama context and the decode thread that owns it: continuous batching over its slots.
+
+Every step packs one token for each sequence that is generating plus prefill chunks of new ones,
+under a per-step token budget (`n_batch`), into one `llama_batch`, decodes it (the GIL is released
+inside llama.cpp), samples each sequence with its own sampler chain, and hands text to trio with
+`TrioToken.run_sync_soon`, which never blocks. A cancelled sequence is dropped at the start of the
+next step. Finished sequences keep their KV cache: the next request whose prompt shares a prefix
+with a cached slot (a follow-up turn of the same chat) prefills only the new tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import llama_cpp
+import trio
+
+from .model import Model
+from .output import OutputFilter
+from .request import EngineClosed, EngineError, Finished, Generation
+from .sampling import PENALTY_LAST_N, build_chain
+
+__all__ = ["DecodeWorker", "WorkerStats", "physical_cores"]
+
+log = logging.getLogger("ktulhu.engine")
+IDLE_WAIT_S = 0.1  # bounded sleep of an idle decode thread between checks for work or stop
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (llama.cpp decodes best with one thread per core)."""
+    cores = set()
+    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
+@attrs.define(eq=False)
+class _Slot:
+    sid: int
+    #: Tokens whose KV is in this sequence, in order (the prefix-reuse key).
+    cached: list[int] = attrs.field(factory=list)
+    chat_id: str | None = None
+    last_used: float = 0.0
+    gen: Generation | None = None
+    pending: list[int] = attrs.field(factory=list)  # prompt tokens still to prefill
+    last_token: int = -1
+    chain: llama_cpp.llama_sampler_p | None = None
+    output: OutputFilter | None = None
+    max_tokens: int = 0
+    batch_index: int | None = None
+
+
+@attrs.frozen
+class WorkerStats:
+    slots: int
+    busy_slots: int
+    cached_slots: int
+    kv_tokens: int
+    kv_capacity: int
+    steps: int
+    decode_seconds: float
+    step_seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+
+    @property
+    def bookkeeping_share(self) -> float:
+        """Share of step time spent in Python rather than in llama_decode."""
+        return 0.0 if self.step_seconds <= 0 else max(0.0, 1.0 - self.decode_seconds / self.step_seconds)
+
+
+class DecodeWorker:
+    """Owns one context; `run` is the body of its decode thread. Other methods are thread-safe."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_slots: int,
+        n_ctx_seq: int,
+        n_threads: int,
+        trio_token: trio.lowlevel.TrioToken,
+        on_slot_free: Callable[[], None],
+        n_batch: int = 512,
+    ) -> None:
+        self.model = model
+        self.n_slots = n_slots
+        self.n_ctx_seq = n_ctx_seq
+        self.n_batch = n_batch
+        self._trio_token = trio_token
+        self._on_slot_free = on_slot_free
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx_seq * n_slots
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_slots
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.kv_unified = False  # each sequence gets its own n_ctx_seq
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model.handle, params)
+        if not self.ctx:
+            raise EngineError(
+                f"llama.cpp could not create a context of {n_slots} x {n_ctx_seq} tokens "
+                "(not enough memory? lower KTULHU_SLOTS or LLAMA_CLI_CTX)"
+            )
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.slots = [_Slot(sid) for sid in range(n_slots)]
+        self._inbox: collections.deque[Generation] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.stopped = threading.Event()
+        self._piece = ctypes.create_string_buffer(256)
+        self._steps = 0
+        self._decode_s = 0.0
+        self._step_s = 0.0
+        self._prompt_tokens = 0
+        self._generated = 0
+
+    # --- called from trio ------------------------------------------------------------------------
+
+    def submit(self, gen: Generation) -> None:
+        """Hand over a generation; the caller guarantees a free slot (one semaphore unit each)."""
+        self._inbox.append(gen)
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def stats(self) -> WorkerStats:
+        slots = list(self.slots)
+        return WorkerStats(
+            slots=self.n_slots,
+            busy_slots=sum(s.gen is not None for s in slots),
+            cached_slots=sum(s.gen is None and bool(s.cached) for s in slots),
+            kv_tokens=sum(len(s.cached) for s in slots),
+            kv_capacity=self.n_slots * self.n_ctx_seq,
+            steps=self._steps,
+            decode_seconds=self._decode_s,
+            step_seconds=self._step_s,
+            prompt_tokens=self._prompt_tokens,
+            generated_tokens=self._generated,
+        )
+
+    # --- the decode thread -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                if not self._step():
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+        finally:
+            for slot in self.slots:
+                if slot.gen is not None:
+                    self._finish(slot, "cancelled", error=EngineClosed("the server is shutting down"))
+            while self._inbox:
+                self._call_trio(self._inbox.popleft().fail, EngineClosed("the server is shutting down"))
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.stopped.set()
+
+    def _step(self) -> bool:
+        """One batched decode. Returns False when there was nothing to do."""
+        started = time.perf_counter()
+        while self._inbox:
+            self._admit(self._inbox.popleft())
+        for slot in self.slots:
+            if slot.gen is not None and slot.gen.cancelled:
+                self._finish(slot, "cancelled")
+        running = [s for s in self.slots if s.gen is not None]
+        if not running:
+            return False
+        batch = self.batch
+        batch.n_tokens = 0
+        for slot in running:  # generating sequences first: one token each
+            slot.batch_index = None
+            if not slot.pending:
+                self._add(slot, [slot.last_token], want_logits=True)
+        for slot in sorted(running, key=lambda s: s.gen.metrics.submitted):  # then prefill, oldest first
+            room = self.n_batch - batch.n_tokens
+            if slot.pending and room > 0:
+                chunk = slot.pending[:room]
+                del slot.pending[:room]
+                self._add(slot, chunk, want_logits=not slot.pending)
+                self._prompt_tokens += len(chunk)
+        decode_started = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        self._decode_s += time.perf_counter() - decode_started
+        if rc != 0:
+            self._decode_failed(running, rc)
+        else:
+            now = time.perf_counter()
+            for slot in running:
+                if slot.batch_index is not None:
+                    self._sampled(slot, llama_cpp.llama_sampler_sample(slot.chain, self.ctx, slot.batch_index), now)
+        self._steps += 1
+        self._step_s += time.perf_counter() - started
+        return True
+
+    def _add(self, slot: _Slot, tokens: list[int], *, want_logits: bool) -> None:
+        batch = self.batch
+        base = len(slot.cached)
+        for k, token in enumerate(tokens):
+            j = batch.n_tokens
+            batch.token[j] = token
+            batch.pos[j] = base + k
+            batch.n_seq_id[j] = 1
+            batch.seq_id[j][0] = slot.sid
+            batch.logits[j] = 0
+            batch.n_tokens = j + 1
+        slot.cached.extend(tokens)
+        if want_logits:
+            batch.logits[batch.n_tokens - 1] = 1
+            slot.batch_index = batch.n_tokens - 1
+
+    def _admit(self, gen: Generation) -> None:
+        if gen.cancelled:
+            self._call_trio(gen.deliver, "", Finished("cancelled", gen.metrics))
+            self._call_trio(self._on_slot_free)
+            return
+        prompt = list(gen.tokens)
+        slot = self._choose_slot(prompt, gen.chat_id)
+        reuse = _common_prefix(slot.cached, prompt)
+        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is decoded again for its logits
+        if reuse < len(slot.cached):
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, reuse, -1):
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
+                reuse = 0
+            del slot.cached[reuse:]
+        seed = gen.params.resolved_seed()
+        slot.chain = build_chain(gen.params, self.model.info.n_vocab, seed)
+        if gen.params.repeat_penalty != 1.0:
+            for token in prompt[-PENALTY_LAST_N:]:
+                llama_cpp.llama_sampler_accept(slot.chain, token)
+        slot.gen = gen
+        slot.chat_id = gen.chat_id
+        slot.pending = prompt[reuse:]
+        slot.output = OutputFilter.create(gen.params.stop, gen.params.include_thinking)
+        slot.max_tokens = min(gen.params.max_tokens, self.n_ctx_seq - len(prompt))
+        gen.metrics.admitted = time.perf_counter()
+        gen.metrics.cached_tokens = reuse
+
+    def _choose_slot(self, prompt: list[int], chat_id: str | None) -> _Slot:
+        """A free slot for `prompt`, losing as little cached work as possible.
+
+        1. the slot of the same chat, or one whose whole cache is a prefix of the prompt (a
+           follow-up turn): the longest common prefix wins;
+        2. else an empty slot;
+        3. else the least recently used idle slot is evicted (a shared system prompt alone is not
+           worth evicting another conversation's cache).
+        """
+        free = [s for s in self.slots if s.gen is None]
+        affine = []
+        for slot in free:
+            common = _common_prefix(slot.cached, prompt)
+            if slot.cached and (common == len(slot.cached) or (chat_id is not None and slot.chat_id == chat_id)):
+                affine.append((common, slot.last_used, slot))
+        if affine:
+            return max(affine, key=lambda entry: entry[:2])[2]
+        empty = [s for s in free if not s.cached]
+        if empty:
+            return empty[0]
+        return min(free, key=lambda s: s.last_used)
+
+    def _sampled(self, slot: _Slot, token: int, now: float) -> None:
+        gen = slot.gen
+        metrics = gen.metrics
+        if metrics.first_token is None:
+            metrics.first_token = now
+        else:
+            metrics.gaps.append(now - metrics.last_token)
+        metrics.last_token = now
+        if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+            self._finish(slot, "eos")
+            return
+        metrics.generated_tokens += 1
+        self._generated += 1
+        text = slot.output.feed(self._token_bytes(token))
+        if slot.output.stopped:
+            self._finish(slot, "stop", text)
+        elif metrics.generated_tokens >= slot.max_tokens:
+            self._finish(slot, "length", text)
+        else:
+            slot.last_token = token
+            if text:
+                self._call_trio(gen.deliver, text)
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buffer, len(buffer), 0, False)
+            return buffer.raw[:n]
+        return self._piece.raw[:n]
+
+    def _finish(self, slot: _Slot, reason: str, text: str = "", error: EngineError | None = None) -> None:
+        gen = slot.gen
+        if reason not in ("cancelled", "stop") and error is None:
+            text += slot.output.finish()
+        llama_cpp.llama_sampler_free(slot.chain)
+        slot.chain = None
+        slot.gen = None
+        slot.pending = []
+        slot.output = None
+        slot.last_used = time.perf_counter()
+        gen.metrics.finished = slot.last_used
+        if reason == "cancelled":
+            gen.metrics.slot_freed = slot.last_used
+        if error is not None:
+            self._call_trio(gen.fail, error)
+        else:
+            self._call_trio(gen.deliver, text, Finished(reason, gen.metrics))
+        self._call_trio(self._on_slot_free)
+
+    def _decode_failed(self, running: list[_Slot], rc: int) -> None:
+        log.error("llama_decode failed with code %d for %d sequences", rc, len(running))
+        for slot in running:
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
+            slot.cached = []
+            self._finish(slot, "error", error=EngineError(f"the model failed to decode (code {rc})"))
+
+    def _call_trio(self, fn: Callable[..., object], *args: object) -> None:
+        try:
+            self._trio_token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
