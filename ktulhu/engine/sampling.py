@@ -44,6 +44,8 @@ class SamplingParams:
     stop: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_check_stop)
     #: Keep a reasoning model's thinking block in the visible text.
     include_thinking: bool = False
+    #: Generate exactly `max_tokens` even past end-of-turn (benchmarks; never for chat replies).
+    ignore_eos: bool = False
 
     @seed.validator
     def _check_seed(self, attribute: attrs.Attribute, value: int | None) -> None:

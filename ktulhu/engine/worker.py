@@ -121,6 +121,7 @@ class DecodeWorker:
         self._inbox: collections.deque[Generation] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
+        self._drop_cache = False
         self.stopped = threading.Event()
         self._piece = ctypes.create_string_buffer(256)
         self._steps = 0
@@ -134,6 +135,11 @@ class DecodeWorker:
     def submit(self, gen: Generation) -> None:
         """Hand over a generation; the caller guarantees a free slot (one semaphore unit each)."""
         self._inbox.append(gen)
+        self._wake.set()
+
+    def drop_cache(self) -> None:
+        """Forget the KV cache of idle slots at the next step (frees memory; the next turns prefill cold)."""
+        self._drop_cache = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -176,6 +182,12 @@ class DecodeWorker:
     def _step(self) -> bool:
         """One batched decode. Returns False when there was nothing to do."""
         started = time.perf_counter()
+        if self._drop_cache:
+            self._drop_cache = False
+            for slot in self.slots:
+                if slot.gen is None and slot.cached:
+                    llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
+                    slot.cached = []
         while self._inbox:
             self._admit(self._inbox.popleft())
         for slot in self.slots:
@@ -284,7 +296,7 @@ class DecodeWorker:
         else:
             metrics.gaps.append(now - metrics.last_token)
         metrics.last_token = now
-        if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+        if llama_cpp.llama_vocab_is_eog(self.model.vocab, token) and not gen.params.ignore_eos:
             self._finish(slot, "eos")
             return
         metrics.generated_tokens += 1

@@ -223,3 +223,16 @@ def task_count() -> int:
         for nursery in task.child_nurseries:
             pending.extend(nursery.child_tasks)
     return seen
+
+
+async def test_ignore_eos_and_drop_cache(smol_model: Model, running_engine) -> None:
+    question = [ChatMessage("user", "Say just: OK")]
+    async with running_engine(smol_model, KTULHU_SLOTS="1") as engine:
+        gen, _ = await chat(engine, question, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        assert gen.finished.reason == "length" and gen.metrics.generated_tokens == 40
+        again, _ = await chat(engine, question, SamplingParams(temperature=0.0, max_tokens=4))
+        assert again.metrics.cached_tokens == again.metrics.prompt_tokens - 1
+        assert engine.stats().workers[0].kv_tokens > 0
+        engine.drop_cache()
+        cold, _ = await chat(engine, question, SamplingParams(temperature=0.0, max_tokens=4))
+        assert cold.metrics.cached_tokens == 0

@@ -1,0 +1,224 @@
+"""Build `train.jsonl` and `heldout.jsonl` from the hand-written seeds in `seeds/`.
+
+    python data/intents/generate.py        # rewrites both files; deterministic (fixed seed)
+
+Each intent below has gold labels for the five heads. For every language and intent the seed file
+lists phrasings; the first two thirds are training templates, the rest are *held out*: the held-out
+split only contains phrasings the model never saw (slot values are shared, wording is not).
+Samples vary the slot values, casing, a conversational prefix or suffix and, sometimes, the final
+punctuation. A few held-out samples are two utterances ("hi! how do I ...?") whose gold labels are
+those of the first utterance, the only one the router classifies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LANGUAGES = ("en", "es", "pt", "ru")
+SEED = 20240501
+TRAIN_DRAWS = 12
+HELDOUT_DRAWS = 5
+
+#: intent -> (speech_act, domain, expectation, phatic, support)
+INTENTS: dict[str, tuple[str, str, str, str, str]] = {
+    "greet": ("SOCIAL", "social", "NONE", "SMALL_TALK", "NO_SUPPORT"),
+    "how_are_you": ("SOCIAL", "social", "OTHER", "SMALL_TALK", "NO_SUPPORT"),
+    "social_other": ("SOCIAL", "other", "NONE", "SMALL_TALK", "NO_SUPPORT"),
+    "ask_tech_info": ("ASKING", "technical", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_tech_advice": ("ASKING", "technical", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_tech_action": ("ASKING", "technical", "ACTION", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_general_info": ("ASKING", "general", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_personal_advice": ("ASKING", "personal", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_professional_advice": ("ASKING", "professional", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_professional_info": ("ASKING", "professional", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_legal_info": ("ASKING", "legal", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_legal_advice": ("ASKING", "legal", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "ask_social": ("ASKING", "social", "INFO", "SMALL_TALK", "NO_SUPPORT"),
+    "ask_other": ("ASKING", "other", "OTHER", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_tech_action": ("DIRECTING", "technical", "ACTION", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_tech_info": ("DIRECTING", "technical", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_tech_advice": ("DIRECTING", "technical", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_legal_advice": ("DIRECTING", "legal", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_legal_info": ("DIRECTING", "legal", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_general_action": ("DIRECTING", "general", "ACTION", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_general_info": ("DIRECTING", "general", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_personal_advice": ("DIRECTING", "personal", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_personal_none": ("DIRECTING", "personal", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_professional_action": ("DIRECTING", "professional", "ACTION", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_other_action": ("DIRECTING", "other", "ACTION", "CONTENTFUL", "NO_SUPPORT"),
+    "dir_social_advice": ("DIRECTING", "social", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "exp_personal_none": ("EXPRESSING", "personal", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "exp_personal_pref": ("EXPRESSING", "personal", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "exp_personal_advice": ("EXPRESSING", "personal", "ADVICE", "CONTENTFUL", "NO_SUPPORT"),
+    "exp_tech_none": ("EXPRESSING", "technical", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "exp_tech_info": ("EXPRESSING", "technical", "INFO", "CONTENTFUL", "NO_SUPPORT"),
+    "exp_general": ("EXPRESSING", "general", "NONE", "SMALL_TALK", "NO_SUPPORT"),
+    "exp_professional": ("EXPRESSING", "professional", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "exp_legal": ("EXPRESSING", "legal", "OTHER", "CONTENTFUL", "NO_SUPPORT"),
+    "share_general": ("SHARING", "general", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "share_personal": ("SHARING", "personal", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "share_professional": ("SHARING", "professional", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "share_tech": ("SHARING", "technical", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "share_legal": ("SHARING", "legal", "NONE", "CONTENTFUL", "NO_SUPPORT"),
+    "support_express": ("EXPRESSING", "personal", "NONE", "CONTENTFUL", "SUPPORT"),
+    "support_ask": ("ASKING", "personal", "ADVICE", "CONTENTFUL", "SUPPORT"),
+    "support_share": ("SHARING", "personal", "NONE", "CONTENTFUL", "SUPPORT"),
+}
+HEAD_NAMES = ("speech_act", "domain", "expectation", "phatic", "support")
+#: compositional frames: kind -> (speech_act, expectation, content slot)
+FRAME_KINDS = {
+    "ask_info": ("ASKING", "INFO", "x"), "ask_advice": ("ASKING", "ADVICE", "v"), "ask_action": ("ASKING", "ACTION", "art"),
+    "dir_info": ("DIRECTING", "INFO", "x"), "dir_advice": ("DIRECTING", "ADVICE", "v"),
+    "dir_action": ("DIRECTING", "ACTION", "art"),
+}
+COMPOSED_TRAIN_DRAWS = 45
+COMPOSED_HELDOUT_DRAWS = 12
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+def load_seeds(language: str):
+    spec = importlib.util.spec_from_file_location(f"seeds_{language}", HERE / "seeds" / f"{language}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # extra content goes in front, so the held-out tail of each list stays the same phrases
+    for domain, phrases in getattr(module, "EXTRA_X", {}).items():
+        module.CONTENT["x"][domain] = phrases + module.CONTENT["x"][domain]
+    for domain, phrases in getattr(module, "EXTRA_NEWS", {}).items():
+        module.NEWS[domain] = phrases + module.NEWS[domain]
+    for domain, phrases in getattr(module, "EXTRA_OPINIONS", {}).items():
+        module.OPINIONS[domain] = phrases + module.OPINIONS[domain]
+    return module
+
+
+def split_templates(templates: list[str], part: int = 3) -> tuple[list[str], list[str]]:
+    held = -(-len(templates) // part)
+    return templates[:-held], templates[-held:]
+
+
+def family(language: str, seeds, rng: random.Random, name: str, frames: list[str], contents: dict[str, list[str]],
+           slot: str, labels, draws: tuple[int, int]) -> dict[str, list[dict]]:
+    """Frame x content samples. Held out: a held-out frame, or a held-out content phrase.
+
+    `labels(frame, domain)` gives (speech_act, domain, expectation, phatic, support).
+    """
+    out: dict[str, list[dict]] = {"train": [], "heldout": []}
+    frames_train, frames_held = split_templates(frames)
+    for domain, phrases in contents.items():
+        content_train, content_held = split_templates(phrases, 4)
+        pools = {
+            "train": [(f, c) for f in frames_train for c in content_train],
+            "heldout": [(f, c) for f in frames_held for c in phrases] + [(f, c) for f in frames_train for c in content_held],
+        }
+        for (split, pool), n in zip(pools.items(), draws):
+            for frame, content in rng.sample(pool, min(n, len(pool))):
+                text = vary(frame.replace("{" + slot + "}", content), language, seeds.FILLERS, rng)
+                out[split].append({
+                    "text": text, "language": language, **dict(zip(HEAD_NAMES, labels(frame, domain))),
+                    "intent": f"{name}:{domain}", "template": f"{language}/{name}/{frame}", "split": split,
+                })
+    return out
+
+
+def composed(language: str, seeds, rng: random.Random) -> dict[str, list[dict]]:
+    """All compositional families of one language."""
+    out: dict[str, list[dict]] = {"train": [], "heldout": []}
+    parts = []
+    for kind, (speech, expectation, slot) in FRAME_KINDS.items():
+        parts.append(family(language, seeds, rng, kind, seeds.FRAMES[kind], seeds.CONTENT[slot], slot,
+                            lambda f, d, s=speech, e=expectation: (s, d, e, "CONTENTFUL", "NO_SUPPORT"),
+                            (COMPOSED_TRAIN_DRAWS, COMPOSED_HELDOUT_DRAWS)))
+    flat = (COMPOSED_TRAIN_DRAWS * 2, COMPOSED_HELDOUT_DRAWS * 2)
+    parts.append(family(language, seeds, rng, "feel", seeds.FEEL_FRAMES, {"personal": seeds.FEELINGS}, "f",
+                        lambda f, d: ("EXPRESSING", "personal", "NONE", "CONTENTFUL", "NO_SUPPORT"), flat))
+    parts.append(family(language, seeds, rng, "distress", seeds.DISTRESS_FRAMES, {"personal": seeds.DISTRESS}, "d",
+                        lambda f, d: (("ASKING", "personal", "ADVICE") if f.endswith("?") else ("EXPRESSING", "personal", "NONE"))
+                        + ("CONTENTFUL", "SUPPORT"), flat))
+    parts.append(family(language, seeds, rng, "loss", seeds.LOSS_FRAMES, {"personal": seeds.LOSSES}, "e",
+                        lambda f, d: ("SHARING", "personal", "NONE", "CONTENTFUL", "SUPPORT"), flat))
+    parts.append(family(language, seeds, rng, "news", seeds.SHARE_FRAMES, seeds.NEWS, "n",
+                        lambda f, d: ("SHARING", d, "NONE", "CONTENTFUL", "NO_SUPPORT"),
+                        (COMPOSED_TRAIN_DRAWS, COMPOSED_HELDOUT_DRAWS)))
+    parts.append(family(language, seeds, rng, "opinion", seeds.OPINION_FRAMES, seeds.OPINIONS, "o",
+                        lambda f, d: ("EXPRESSING", d, "OTHER" if d == "legal" else "NONE", "CONTENTFUL", "NO_SUPPORT"),
+                        (COMPOSED_TRAIN_DRAWS, COMPOSED_HELDOUT_DRAWS)))
+    for part in parts:
+        for split, rows in part.items():
+            out[split] += rows
+    return out
+
+
+def fill(template: str, slots: dict[str, list[str]], rng: random.Random) -> str:
+    return _SLOT.sub(lambda m: rng.choice(slots[m.group(1)]), template)
+
+
+def vary(text: str, language: str, fillers: dict[str, list[str]], rng: random.Random) -> str:
+    prefix, suffix = rng.choice(fillers["prefix"]), rng.choice(fillers["suffix"])
+    if rng.random() < 0.12 and text[-1:] in "?!":
+        text = text[:-1]
+    if language == "es" and rng.random() < 0.3:
+        text = text.replace("¿", "").replace("¡", "")
+    if prefix:
+        text = prefix + text
+    if suffix and not text.endswith(("?", "!")):
+        text = text + suffix
+    if rng.random() < 0.5:
+        text = text[:1].upper() + text[1:]
+    return text
+
+
+def sample(language: str, intent: str, template: str, idx: int, split: str, text: str) -> dict:
+    labels = dict(zip(HEAD_NAMES, INTENTS[intent]))
+    return {"text": text, "language": language, **labels, "intent": intent,
+            "template": f"{language}/{intent}/{idx}", "split": split}
+
+
+def build() -> dict[str, list[dict]]:
+    rng = random.Random(SEED)
+    out: dict[str, list[dict]] = {"train": [], "heldout": []}
+    for language in LANGUAGES:
+        seeds = load_seeds(language)
+        missing = set(INTENTS) - set(seeds.TEMPLATES)
+        assert not missing, f"{language}: no seeds for {sorted(missing)}"
+        held_by_intent: dict[str, list[str]] = {}
+        for intent in INTENTS:
+            train, held = split_templates(seeds.TEMPLATES[intent])
+            held_by_intent[intent] = held
+            for split, templates, draws in (("train", train, TRAIN_DRAWS), ("heldout", held, HELDOUT_DRAWS)):
+                base = 0 if split == "train" else len(train)
+                for i, template in enumerate(templates):
+                    seen = set()
+                    for _ in range(draws):
+                        text = vary(fill(template, seeds.SLOTS, rng), language, seeds.FILLERS, rng)
+                        if text not in seen:
+                            seen.add(text)
+                            out[split].append(sample(language, intent, template, base + i, split, text))
+        for split, rows in composed(language, seeds, rng).items():
+            out[split] += rows
+        # two-utterance messages: a greeting first, then a real request; gold = the greeting
+        greetings = [t for t in held_by_intent["greet"] if t.endswith("!")] or ["!"]
+        for intent in ("ask_tech_info", "dir_tech_action", "support_ask", "ask_legal_advice"):
+            for template in held_by_intent[intent]:
+                greeting = rng.choice(greetings)
+                text = greeting + " " + fill(template, seeds.SLOTS, rng)
+                out["heldout"].append(sample(language, "greet", template, -1, "heldout", text))
+    train_texts = {(s["language"], s["text"]) for s in out["train"]}
+    out["heldout"] = [s for s in out["heldout"] if (s["language"], s["text"]) not in train_texts]
+    return out
+
+
+def main() -> None:
+    data = build()
+    for split, rows in data.items():
+        with open(HERE / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"{split}: {len(rows)} samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Router service: loads the intent router off the trio thread and runs its micro-batcher.
+
+Readiness reports the router's directory, device and heads. Without a built router (a fresh clone
+before `ktulhu router train`) the service reports `degraded` and `runtime.router` is a router
+without a model: every message then gets the default route, which is also what a timeout yields.
+An explicitly configured directory (INTENT_ROUTER_DIR / PHATIC_MODEL_DIR) that cannot be loaded is
+an error that stops the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from ..router.service import Router
+from .runtime import Runtime
+
+__all__ = ["run"]
+
+
+async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
+    settings = runtime.settings
+    directory = settings.router_dir
+    explicit = bool(settings.intent_router_dir or settings.phatic_model_dir)
+    if not explicit and not (directory / "model.onnx").is_file():
+        reason = f"no router model at {directory}"
+        router = Router.unavailable(reason)
+        detail: dict[str, Any] = {"status": "degraded", "reason": reason, "route": "default"}
+    else:
+        router = await trio.to_thread.run_sync(Router.from_settings, settings, abandon_on_cancel=True)
+        assert router.model is not None
+        detail = {"dir": str(directory), "device": router.model.device,
+                  "heads": ",".join(router.labels), "max_length": router.model.max_length}
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(router.run)
+            runtime.router = router
+            task_status.started(detail)
+    finally:
+        runtime.router = None

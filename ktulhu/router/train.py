@@ -1,0 +1,252 @@
+"""`ktulhu router train`: build the default intent router from `data/intents/` (CPU, deterministic).
+
+Pipeline: train a BPE tokenizer on the training split -> train a small convolutional encoder
+with the five heads -> export to ONNX -> check onnxruntime against torch -> evaluate on the
+held-out split -> write `model.onnx`, `tokenizer.json`, `labels.json`, `metrics.json`.
+
+Needs the `train` extra (torch, onnx). Determinism: fixed seeds, one torch thread, deterministic
+algorithms and a fixed sample order, so two runs on the same data produce identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .dataset import DATA_DIR, Sample, load_split
+from .labels import HEADS
+
+__all__ = ["TrainConfig", "train"]
+
+OUTPUT_DIR = Path("models/intent_router")
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """Hyper-parameters; the defaults build the committed model."""
+
+    seed: int = 1234
+    vocab_size: int = 3000
+    max_length: int = 128
+    embedding: int = 64
+    channels: int = 128
+    hidden: int = 96
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    token_dropout: float = 0.15
+    dropout: float = 0.2
+
+
+def _tokenizer(texts: list[str], config: TrainConfig):
+    """A BPE tokenizer trained on `texts`: NFKC + lower-case (accents kept), punctuation and digits split.
+
+    BPE rather than Unigram because the BPE trainer is reproducible to the byte (the Unigram
+    trainer breaks score ties differently from run to run).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Metaspace()])
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, special_tokens=["<pad>", "<unk>"], min_frequency=2)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def _network(vocab: int, config: TrainConfig):
+    import torch
+    from torch import nn
+
+    class IntentNet(nn.Module):
+        """Embedding -> 2 conv layers (k=3, residual) -> masked mean+max pooling -> one MLP per head."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(vocab, config.embedding, padding_idx=0)
+            self.conv1 = nn.Conv1d(config.embedding, config.channels, 3, padding=1)
+            self.conv2 = nn.Conv1d(config.channels, config.channels, 3, padding=1)
+            self.dropout = nn.Dropout(config.dropout)
+            self.heads = nn.ModuleDict({
+                name: nn.Sequential(nn.Linear(2 * config.channels, config.hidden), nn.Tanh(),
+                                    nn.Dropout(config.dropout), nn.Linear(config.hidden, len(labels)))
+                for name, labels in HEADS.items()
+            })
+
+        def forward(self, input_ids, attention_mask):
+            mask = attention_mask.unsqueeze(-1).to(torch.float32)            # [B, L, 1]
+            x = self.embedding(input_ids) * mask                             # [B, L, E]
+            channel_mask = mask.transpose(1, 2)                              # [B, 1, L]
+            # re-mask after every convolution so padding never leaks into real positions
+            x = torch.relu(self.conv1(x.transpose(1, 2))) * channel_mask     # [B, C, L]
+            x = (x + torch.relu(self.conv2(self.dropout(x)))) * channel_mask
+            x = x.transpose(1, 2)                                            # [B, L, C]
+            mean = x.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            top = (x - (1.0 - mask) * 1e4).max(dim=1).values
+            features = self.dropout(torch.cat([mean, top], dim=-1))
+            return tuple(self.heads[name](features) for name in HEADS)
+
+    return IntentNet()
+
+
+def _encode(tokenizer, texts: list[str], max_length: int):
+    import torch
+
+    rows = [(e.ids[:max_length] or [0]) for e in tokenizer.encode_batch(texts)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def train(*, data_dir: Path = DATA_DIR, output: Path = OUTPUT_DIR, config: TrainConfig = TrainConfig(),
+          log=print) -> dict[str, Any]:
+    """Train, export and evaluate; write the router directory `output`; return the metrics."""
+    try:
+        import numpy as np
+        import torch
+        from torch import nn
+    except ImportError as error:  # pragma: no cover - depends on the extra
+        raise SystemExit(f"training needs the train extra: pip install -e '.[train]' ({error})") from None
+
+    started = time.monotonic()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+    train_set = load_split("train", data_dir)
+    heldout = load_split("heldout", data_dir)
+    texts = [s.utterance for s in train_set]
+    tokenizer = _tokenizer(texts, config)
+    vocab = tokenizer.get_vocab_size()
+    log(f"tokenizer: {vocab} pieces; {len(train_set)} train / {len(heldout)} held-out samples")
+
+    targets = {name: torch.tensor([labels.index(s.labels[name]) for s in train_set]) for name, labels in HEADS.items()}
+    ids, mask = _encode(tokenizer, texts, config.max_length)
+    net = _network(vocab, config)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(texts) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate,
+                                                   total_steps=config.epochs * steps_per_epoch)
+    # inverse-sqrt class weights: rare labels (SOCIAL, SUPPORT, OTHER...) are not drowned out
+    loss_fns = {}
+    for name, labels in HEADS.items():
+        counts = torch.bincount(targets[name], minlength=len(labels)).to(torch.float32).clamp(min=1.0)
+        weights = (counts.sum() / counts).sqrt()
+        loss_fns[name] = nn.CrossEntropyLoss(weight=weights / weights.mean())
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in range(config.epochs):
+        net.train()
+        order = torch.randperm(len(texts), generator=generator)
+        total = 0.0
+        for start in range(0, len(texts), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            width = int(mask[batch].sum(dim=1).max())
+            b_ids, b_mask = ids[batch, :width].clone(), mask[batch, :width]
+            drop = (torch.rand(b_ids.shape, generator=generator) < config.token_dropout) & (b_mask == 1)
+            # half of the dropped tokens become <unk>, half a random piece: teaches the model that
+            # unfamiliar pieces (words it never saw) carry no domain
+            noise = torch.randint(2, vocab, b_ids.shape, generator=generator)
+            coin = torch.rand(b_ids.shape, generator=generator) < 0.5
+            b_ids[drop] = torch.where(coin, noise, torch.ones_like(noise))[drop]
+            outputs = net(b_ids, b_mask)
+            loss = sum(loss_fns[name](out, targets[name][batch]) for name, out in zip(HEADS, outputs))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(batch)
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {total / len(texts):.4f}")
+    net.eval()
+
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(output / "tokenizer.json"))
+    labels = {"format": 1, "heads": {name: list(labels) for name, labels in HEADS.items()},
+              "max_length": config.max_length, "pad_id": 0}
+    (output / "labels.json").write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
+    _export(net, output / "model.onnx")
+    max_diff = _check_onnx(net, output, tokenizer, heldout, config)
+    log(f"onnxruntime vs torch: max |logit difference| {max_diff:.2e}")
+
+    from .model import IntentModel
+    from .evaluate import evaluate
+
+    model = IntentModel.load(output, device="cpu")
+    metrics = {
+        "heldout": evaluate(heldout, model.predict),
+        "train": {k: v for k, v in evaluate(train_set, model.predict).items() if k in ("heads", "prompt_key_accuracy")},
+        "onnx_max_abs_logit_diff": float(f"{max_diff:.3e}"),
+        "config": attrs.asdict(config),
+        "data_sha256": _digest(data_dir),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "built_with": _versions(),
+        "rebuild": "ktulhu router train  (needs: pip install -e '.[train]')",
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log(f"done in {time.monotonic() - started:.0f} s -> {output}")
+    return metrics
+
+
+def _export(net, path: Path) -> None:
+    import torch
+
+    ids = torch.ones((2, 7), dtype=torch.int64)
+    mask = torch.ones((2, 7), dtype=torch.int64)
+    axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+    axes.update({name: {0: "batch"} for name in HEADS})
+    with torch.no_grad():
+        torch.onnx.export(net, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=list(HEADS), dynamic_axes=axes, opset_version=17, dynamo=False,
+                          do_constant_folding=True)
+
+
+def _check_onnx(net, output: Path, tokenizer, samples: list[Sample], config: TrainConfig) -> float:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    texts = [s.utterance for s in samples[:256]] + ["", "x" * 3000]
+    ids, mask = _encode(tokenizer, texts, config.max_length)
+    session = onnxruntime.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(list(HEADS), {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = [t.numpy() for t in net(ids, mask)]
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
+    if diff > 1e-3:
+        raise RuntimeError(f"ONNX export disagrees with torch: max logit difference {diff}")
+    return diff
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "onnx", "onnxruntime", "tokenizers", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _digest(data_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("train.jsonl", "heldout.jsonl"):
+        h.update((Path(data_dir) / name).read_bytes())
+    return h.hexdigest()
