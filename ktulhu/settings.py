@@ -254,6 +254,11 @@ class Settings:
         "KTULHU_QUEUE", 64, _int(1, 100_000), "Requests waiting for a slot before callers get Busy.",
         group="engine",
     )
+    step_target_ms: int = setting(
+        "KTULHU_STEP_TARGET_MS", 100, _int(5, 10_000),
+        "Target length of a decode step that prefills new prompts while other replies stream.",
+        group="engine",
+    )
     max_tokens: int = setting(
         "LLAMA_CLI_MAX_TOKENS", 512, _int(1, 1 << 20), "Default cap on generated tokens per reply.",
         group="engine",

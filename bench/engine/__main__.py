@@ -28,7 +28,7 @@ from ktulhu.engine.worker import physical_cores
 from ktulhu.settings import load_settings
 
 from . import baseline, llama_server, report
-from .workload import Record, chat_prompt, percentile, show, summarise
+from .workload import Record, chat_prompt, percentile, show, summarise_rounds
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--ctx", type=int, default=1024, help="tokens per slot")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions per level")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--cancels", type=int, default=40)
     parser.add_argument("--no-llama-server", action="store_true", help="skip the llama-server comparison")
@@ -88,41 +89,44 @@ def prompt_tokens(engine: Engine, indices: range) -> list[list[int]]:
 
 
 async def sweep(model: Model, args: argparse.Namespace, levels: list[int], server_binary: Path | None) -> dict:
-    results: dict[str, dict[str, Any]] = {"ours": {}, "llama_server": {}, "baseline": {}}
+    """Per level, the systems run in turn, `--rounds` times (interleaved, so drift hits all alike);
+    tokens/s is the median round, latencies pool every round's requests."""
+    results: dict[str, dict[int, Any]] = {"ours": {}, "llama_server": {}, "baseline": {}}
     for level in levels:
-        async def run_ours(engine: Engine) -> tuple[dict, list[list[int]], list[list[int]]]:
-            warmup = prompt_tokens(engine, range(100, 100 + level))
-            prompts = prompt_tokens(engine, range(level))
-            await ours_streams(engine, warmup, 4)
-            records, wall = await ours_streams(engine, prompts, args.max_tokens)
-            summary = summarise(records, wall)
-            summary["python_bookkeeping_share"] = round(engine.stats().workers[0].bookkeeping_share, 4)
-            return summary, warmup, prompts
-
-        summary, warmup, prompts = await with_engine(model, args, level, run_ours)
-        results["ours"][level] = summary
-        show(level, "ours", summary)
-
+        engine = Engine(model, engine_settings(args, level))
+        server = None
         if server_binary is not None:
-            server = llama_server.LlamaServer(server_binary, Path(model.info.path), slots=level, n_ctx_seq=args.ctx,
-                                              threads=args.threads, port=_free_port())
-            try:
-                await trio.to_thread.run_sync(server.wait_ready)
-                await llama_server.run_streams(server.base, warmup, 4)
-                records, wall = await llama_server.run_streams(server.base, prompts, args.max_tokens)
-            finally:
-                server.close()
-            results["llama_server"][level] = summarise(records, wall)
-            show(level, "llama-server", results["llama_server"][level])
-
+            server = llama_server.LlamaServer(server_binary, Path(model.info.path), slots=level,
+                                              n_ctx_seq=args.ctx, threads=args.threads, port=_free_port())
         pool = await trio.to_thread.run_sync(
             lambda: baseline.BaselinePool(model, contexts=level, n_ctx=args.ctx, threads=args.threads))
+        runs: dict[str, list[tuple[list[Record], float]]] = {"ours": [], "llama_server": [], "baseline": []}
         try:
-            records, wall = await baseline.run_streams(pool, prompts, args.max_tokens)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(engine.run)
+                if server is not None:
+                    await trio.to_thread.run_sync(server.wait_ready)
+                for round_ in range(args.rounds):
+                    warmup = prompt_tokens(engine, range(1000 * (round_ + 1), 1000 * (round_ + 1) + level))
+                    prompts = prompt_tokens(engine, range(100 * round_, 100 * round_ + level))
+                    await ours_streams(engine, warmup, 4)
+                    runs["ours"].append(await ours_streams(engine, prompts, args.max_tokens))
+                    if server is not None:
+                        await llama_server.run_streams(server.base, warmup, 4)
+                        runs["llama_server"].append(await llama_server.run_streams(server.base, prompts,
+                                                                                   args.max_tokens))
+                    runs["baseline"].append(await baseline.run_streams(pool, prompts, args.max_tokens))
+                bookkeeping = engine.stats().workers[0].bookkeeping_share
+                nursery.cancel_scope.cancel()
         finally:
             pool.close()
-        results["baseline"][level] = summarise(records, wall)
-        show(level, "baseline", results["baseline"][level])
+            if server is not None:
+                server.close()
+        for system, measured in runs.items():
+            if measured:
+                results[system][level] = summarise_rounds(measured)
+                show(level, system, results[system][level])
+        results["ours"][level]["python_bookkeeping_share"] = round(bookkeeping, 4)
     return results
 
 
@@ -228,7 +232,7 @@ async def main(args: argparse.Namespace) -> dict:
         try:
             print("building llama-server from the pinned llama-cpp-python sources (once)...", flush=True)
             server_binary = await trio.to_thread.run_sync(llama_server.ensure_built, args.build_dir)
-            server_note = str(server_binary)
+            server_note = f"built from the llama.cpp sources of {llama_server.LLAMA_CPP_PYTHON}"
         except Exception as error:  # report and continue with the other systems
             server_note = f"unavailable: {error}"
             print(f"llama-server {server_note}", flush=True)
@@ -238,6 +242,7 @@ async def main(args: argparse.Namespace) -> dict:
                         "threads": args.threads},
             "model": model.info.path.rsplit("/", 1)[-1],
             "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
             "ctx_per_slot": args.ctx,
             "llama_server": server_note,
             "sweep": await sweep(model, args, levels, server_binary),

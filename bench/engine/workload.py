@@ -84,3 +84,12 @@ def summarise(records: list[Record], wall: float) -> dict[str, float | int | Non
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
+
+
+def summarise_rounds(rounds: list[tuple[list[Record], float]]) -> dict[str, float | int | None]:
+    """Latency percentiles over every round's requests; tokens/s of the median round."""
+    pooled = summarise([r for records, _ in rounds for r in records], sum(wall for _, wall in rounds))
+    rates = sorted(sum(r.tokens for r in records) / wall for records, wall in rounds if wall > 0)
+    pooled["tokens_per_s"] = round(statistics.median(rates), 2) if rates else None
+    pooled["tokens_per_s_rounds"] = [round(rate, 2) for rate in rates]
+    return pooled

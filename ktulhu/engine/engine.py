@@ -21,7 +21,7 @@ import trio
 from ..settings import Settings
 from .model import Model
 from .prompt import ChatMessage, ContextTooLong, Prompt, PromptBuilder, PromptError
-from .request import Busy, EngineClosed, Generation
+from .request import Busy, EngineClosed, Finished, Generation
 from .sampling import SamplingParams
 from .worker import DecodeWorker, WorkerStats, physical_cores
 
@@ -73,7 +73,8 @@ class Engine:
                     worker = await trio.to_thread.run_sync(
                         lambda: DecodeWorker(self.model, n_slots=settings.n_slots, n_ctx_seq=self.n_ctx_seq,
                                              n_threads=threads, trio_token=token,
-                                             on_slot_free=slots_free.release)
+                                             on_slot_free=slots_free.release,
+                                             step_target_s=settings.step_target_ms / 1000)
                     )
                     self._workers.append(worker)
                     nursery.start_soon(self._run_worker, worker, name=f"decode-{index}")
@@ -101,6 +102,9 @@ class Engine:
 
     async def _feed(self, worker: DecodeWorker, slots_free: trio.Semaphore) -> None:
         async for gen in self._receive:
+            if gen.cancelled:  # its reader left while it waited: it never needs a slot
+                gen.deliver("", Finished("cancelled", gen.metrics))
+                continue
             try:
                 await slots_free.acquire()
             except BaseException:
