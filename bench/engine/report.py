@@ -60,7 +60,8 @@ def write(results: dict[str, Any], docs: Path) -> None:
     lines += ["", f"Last turn warm / cold: **{replay['last_turn_ratio']}**.", "",
               "## Cancel latency", "",
               "From `cancel()` to the slot being free in the decode thread, with 4 streams busy, cancelling "
-              "during decode and during a long prefill.", ""]
+              "during decode (the next step drops the sequence) and during a long prefill (llama.cpp's abort "
+              "callback interrupts the step).", ""]
     c = results["cancel"]
     lines += [f"- {c['cancels']} cancels: p50 **{c['p50_ms']} ms**, p99 **{c['p99_ms']} ms** "
               f"(during decode p99 {c['decode_p99_ms']} ms, during prefill p99 {c['prefill_p99_ms']} ms); "

@@ -7,7 +7,8 @@ and cancellations take effect, within one short step, on a CPU (slow prefill) as
 prefill, where the budget reaches `n_batch`). Then the step decodes it (the GIL is released
 inside llama.cpp), samples each sequence with its own sampler chain, and hands text to trio with
 `TrioToken.run_sync_soon`, which never blocks. A cancelled sequence is dropped at the start of the
-next step. Finished sequences keep their KV cache: the next request whose prompt shares a prefix
+next step; a prefill step that contains it is interrupted (llama.cpp's abort callback) and redone
+without it. Finished sequences keep their KV cache: the next request whose prompt shares a prefix
 with a cached slot (a follow-up turn of the same chat) prefills only the new tokens.
 """
 
@@ -26,6 +27,7 @@ import attrs
 import llama_cpp
 import trio
 
+from . import llama_log
 from .model import Model
 from .output import OutputFilter
 from .request import EngineClosed, EngineError, Finished, Generation
@@ -38,6 +40,7 @@ IDLE_WAIT_S = 0.1  # bounded sleep of an idle decode thread between checks for w
 # Smallest prefill chunk of a step: below ~64 tokens llama.cpp's CPU kernels cost about 30% more per
 # token (measured: 9.5 ms/token at 16, 7.2 ms/token at 64-512 with the default model on 2 cores).
 MIN_PREFILL_CHUNK = 64
+LLAMA_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback stopped it
 EMA = 0.2  # weight of the newest measurement in the step-cost estimates
 
 
@@ -66,6 +69,9 @@ class _Slot:
     output: OutputFilter | None = None
     max_tokens: int = 0
     batch_index: int | None = None
+    #: What this step added (for undoing an aborted step): tokens, and the prompt chunk among them.
+    step_tokens: int = 0
+    step_chunk: list[int] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -80,6 +86,8 @@ class WorkerStats:
     step_seconds: float
     prompt_tokens: int
     generated_tokens: int
+    #: Prefill steps abandoned half-way because a sequence in them was cancelled.
+    aborted_steps: int
 
     @property
     def bookkeeping_share(self) -> float:
@@ -137,6 +145,10 @@ class DecodeWorker:
         self.stopped = threading.Event()
         self._piece = ctypes.create_string_buffer(256)
         self._calibrate()
+        # llama.cpp polls this between graph nodes of long (prefill) steps: a cancel stops the step
+        self._watched: list[_Slot] = []
+        self._abort_callback = llama_cpp.ggml_abort_callback(self._cancel_pending)
+        self._aborted_steps = 0
         self._steps = 0
         self._decode_s = 0.0
         self._step_s = 0.0
@@ -195,6 +207,7 @@ class DecodeWorker:
             step_seconds=self._step_s,
             prompt_tokens=self._prompt_tokens,
             generated_tokens=self._generated,
+            aborted_steps=self._aborted_steps,
         )
 
     # --- the decode thread -----------------------------------------------------------------------
@@ -236,6 +249,8 @@ class DecodeWorker:
         batch.n_tokens = 0
         for slot in running:  # generating sequences first: one token each
             slot.batch_index = None
+            slot.step_tokens = 0
+            slot.step_chunk = []
             if not slot.pending:
                 self._add(slot, [slot.last_token], want_logits=True)
         generating = batch.n_tokens
@@ -247,16 +262,31 @@ class DecodeWorker:
                 chunk = slot.pending[:room]
                 del slot.pending[:room]
                 self._add(slot, chunk, want_logits=not slot.pending)
+                slot.step_chunk = chunk
                 prefilled += len(chunk)
         self._prompt_tokens += prefilled
+        # Only prefill steps are long enough to be worth interrupting (the check runs per graph node).
+        watch = prefilled >= MIN_PREFILL_CHUNK
+        if watch:
+            self._watched = running
+            llama_cpp.llama_set_abort_callback(self.ctx, self._abort_callback, None)
         decode_started = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if watch:
+            with llama_log.expected_failures():
+                rc = llama_cpp.llama_decode(self.ctx, batch)
+        else:
+            rc = llama_cpp.llama_decode(self.ctx, batch)
         elapsed = time.perf_counter() - decode_started
+        if watch:
+            llama_cpp.llama_set_abort_callback(self.ctx, llama_cpp.ggml_abort_callback(), None)
+            self._watched = []
         self._decode_s += elapsed
-        self._learn_costs(generating, prefilled, elapsed)
-        if rc != 0:
+        if rc == LLAMA_DECODE_ABORTED:
+            self._undo_step(running, prefilled)
+        elif rc != 0:
             self._decode_failed(running, rc)
         else:
+            self._learn_costs(generating, prefilled, elapsed)
             now = time.perf_counter()
             for slot in running:
                 if slot.batch_index is not None:
@@ -278,6 +308,20 @@ class DecodeWorker:
         per_token = max(elapsed - (self._decode_step_s if generating else 0.0), 0.0) / prefilled
         self._prefill_token_s += EMA * (per_token - self._prefill_token_s)
 
+    def _cancel_pending(self, _data: object) -> bool:
+        return any(slot.gen is not None and slot.gen.cancelled for slot in self._watched)
+
+    def _undo_step(self, running: list[_Slot], prefilled: int) -> None:
+        """llama.cpp dropped the aborted step's positions; put our bookkeeping back to match."""
+        self._aborted_steps += 1
+        self._prompt_tokens -= prefilled
+        for slot in running:
+            if slot.step_tokens:
+                del slot.cached[-slot.step_tokens:]
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, len(slot.cached), -1)
+            if slot.step_chunk:
+                slot.pending[:0] = slot.step_chunk
+
     def _add(self, slot: _Slot, tokens: list[int], *, want_logits: bool) -> None:
         batch = self.batch
         base = len(slot.cached)
@@ -290,6 +334,7 @@ class DecodeWorker:
             batch.logits[j] = 0
             batch.n_tokens = j + 1
         slot.cached.extend(tokens)
+        slot.step_tokens += len(tokens)
         if want_logits:
             batch.logits[batch.n_tokens - 1] = 1
             slot.batch_index = batch.n_tokens - 1

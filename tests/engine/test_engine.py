@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -79,9 +80,13 @@ async def test_prefix_reuse_gives_the_same_tokens_as_a_cold_prefill(smol_model: 
     assert warm_text == cold_text
 
 
-async def test_cancel_during_prefill_and_during_decode_frees_the_slot(smol_model: Model, running_engine) -> None:
+async def test_cancel_during_prefill_and_during_decode_frees_the_slot(
+    smol_model: Model, running_engine, caplog: pytest.LogCaptureFixture
+) -> None:
     long_prompt = [ChatMessage("user", "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 150)]
-    async with running_engine(smol_model, KTULHU_SLOTS="1", LLAMA_CLI_CTX="4096") as engine:
+    # a long step target: the whole prompt is one 512-token prefill step, which the cancel interrupts
+    async with running_engine(smol_model, KTULHU_SLOTS="1", LLAMA_CLI_CTX="4096",
+                              KTULHU_STEP_TARGET_MS="10000") as engine:
         with engine.chat(long_prompt, SamplingParams(max_tokens=200)) as in_prefill:
             with trio.fail_after(30):
                 while in_prefill.metrics.admitted is None:
@@ -90,6 +95,9 @@ async def test_cancel_during_prefill_and_during_decode_frees_the_slot(smol_model
         with trio.fail_after(30):
             assert await in_prefill.text() == ""
         assert in_prefill.finished.reason == "cancelled" and in_prefill.metrics.first_token is None
+        assert engine.stats().workers[0].aborted_steps >= 1
+        # the interrupted step is expected: llama.cpp's messages about it stay out of warnings/errors
+        assert not [r for r in caplog.records if r.name == "ktulhu.llama" and r.levelno >= logging.WARNING]
 
         decoding = engine.generate(engine.build_prompt([ChatMessage("user", "Count to a hundred.")], 300).tokens,
                                    SamplingParams(max_tokens=300))
