@@ -13,7 +13,7 @@ import trio
 
 from .logs import configure_logging
 from .router import cli as router_cli
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings, setting_fields
 
 __all__ = ["main"]
 
@@ -100,7 +100,11 @@ def _config(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(env) for env, _, _ in rows)
     value_width = min(max(len(value) for _, value, _ in rows), 48)
-    for env, value, source in rows:
+    group = None
+    for field, (env, value, source) in zip(setting_fields(), rows, strict=True):
+        if field.metadata["group"] != group:
+            group = field.metadata["group"]
+            print(f"# {group}")
         print(f"{env:<{width}}  {value:<{value_width}}  {source}")
     return EXIT_OK
 

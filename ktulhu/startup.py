@@ -26,9 +26,9 @@ def prepare(settings: Settings) -> Settings:
 def route_groups(settings: Settings) -> dict[str, str]:
     """Which optional surfaces this configuration enables, for the start-up log."""
     return {
+        "health": "on (/healthz, /readyz)",
         "payments": "on" if settings.payments_enabled else
                     "off (set STRIPE_SECRET_KEY, STRIPE_PUBLISHABLE_KEY, STRIPE_PRICE_ID)",
-        "sign-in email": "on",
         "sign-in google": "on" if settings.google_enabled else "off (GOOGLE_CLIENT_ID unset)",
         "sign-in apple": "on" if settings.apple_enabled else "off (APPLE_CLIENT_ID unset)",
     }

@@ -30,7 +30,8 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
 def test_config_table_shows_values_and_sources_with_secrets_masked(server_dir: Path) -> None:
     result = run_cli(["config"], server_dir, JWT_SECRET="x" * 48, KTULHU_PORT="8081")
     assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if not line.startswith("#")}
+    assert "# server" in result.stdout and "# engine" in result.stdout and "# payments" in result.stdout
     assert "8081" in lines["KTULHU_PORT"] and lines["KTULHU_PORT"].endswith("environment")
     assert lines["LLAMA_CLI_MODEL"].endswith("config/llamacpp.env")
     assert lines["KTULHU_HOST"].endswith("default")

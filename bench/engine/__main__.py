@@ -10,6 +10,7 @@ Results go to bench/results/engine.json, docs/benchmarks.md and docs/benchmarks-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
@@ -98,8 +99,8 @@ async def sweep(model: Model, args: argparse.Namespace, levels: list[int], serve
         if server_binary is not None:
             server = llama_server.LlamaServer(server_binary, Path(model.info.path), slots=level,
                                               n_ctx_seq=args.ctx, threads=args.threads, port=_free_port())
-        pool = await trio.to_thread.run_sync(
-            lambda: baseline.BaselinePool(model, contexts=level, n_ctx=args.ctx, threads=args.threads))
+        pool = await trio.to_thread.run_sync(functools.partial(
+            baseline.BaselinePool, model, contexts=level, n_ctx=args.ctx, threads=args.threads))
         runs: dict[str, list[tuple[list[Record], float]]] = {"ours": [], "llama_server": [], "baseline": []}
         try:
             async with trio.open_nursery() as nursery:

@@ -10,6 +10,7 @@ caller gets `Busy` at once, nothing queued. A request waits there until a worker
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -70,12 +71,11 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 for index in range(settings.engine_workers):
                     slots_free = trio.Semaphore(settings.n_slots)
-                    worker = await trio.to_thread.run_sync(
-                        lambda: DecodeWorker(self.model, n_slots=settings.n_slots, n_ctx_seq=self.n_ctx_seq,
-                                             n_threads=threads, trio_token=token,
-                                             on_slot_free=slots_free.release,
-                                             step_target_s=settings.step_target_ms / 1000)
-                    )
+                    worker = await trio.to_thread.run_sync(functools.partial(
+                        DecodeWorker, self.model, n_slots=settings.n_slots, n_ctx_seq=self.n_ctx_seq,
+                        n_threads=threads, trio_token=token, on_slot_free=slots_free.release,
+                        step_target_s=settings.step_target_ms / 1000,
+                    ))
                     self._workers.append(worker)
                     nursery.start_soon(self._run_worker, worker, name=f"decode-{index}")
                     nursery.start_soon(self._feed, worker, slots_free, name=f"feeder-{index}")

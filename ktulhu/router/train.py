@@ -35,15 +35,20 @@ class TrainConfig:
     seed: int = 1234
     vocab_size: int = 3000
     max_length: int = 128
-    embedding: int = 64
+    embedding: int = 128
     channels: int = 128
     hidden: int = 96
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     token_dropout: float = 0.15
     dropout: float = 0.2
+    word_dropout: float = 0.0
+    ngram_buckets: int = 0
+    ngram_min: int = 3
+    ngram_max: int = 5
+    ensemble: int = 2
 
 
 def _tokenizer(texts: list[str], config: TrainConfig):
@@ -64,7 +69,35 @@ def _tokenizer(texts: list[str], config: TrainConfig):
     return tokenizer
 
 
-def _network(vocab: int, config: TrainConfig):
+def _piece_ngrams(tokenizer, config: TrainConfig):
+    """For each vocabulary piece, the hashed character n-gram buckets of its text (fastText-style).
+
+    Returns `(index, count)`: `index[v]` lists piece v's buckets, padded with `ngram_buckets` (a
+    zero row); `count[v]` how many are real. Special tokens have none. CRC32 keeps it reproducible.
+    """
+    import zlib
+
+    import torch
+
+    vocab = tokenizer.get_vocab()
+    rows: list[list[int]] = [[] for _ in range(len(vocab))]
+    for piece, v in vocab.items():
+        if piece in ("<pad>", "<unk>"):
+            continue
+        text = piece.replace("\u2581", "<") + ">"
+        grams = {text[i:i + n] for n in range(config.ngram_min, config.ngram_max + 1)
+                 for i in range(len(text) - n + 1)}
+        rows[v] = sorted({zlib.crc32(g.encode("utf-8")) % config.ngram_buckets for g in grams})
+    width = max(1, max(len(r) for r in rows))
+    index = torch.full((len(rows), width), config.ngram_buckets, dtype=torch.int64)
+    count = torch.zeros((len(rows), 1), dtype=torch.float32)
+    for v, row in enumerate(rows):
+        index[v, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        count[v, 0] = len(row)
+    return index, count
+
+
+def _network(vocab: int, config: TrainConfig, ngrams=None):
     import torch
     from torch import nn
 
@@ -74,6 +107,13 @@ def _network(vocab: int, config: TrainConfig):
         def __init__(self) -> None:
             super().__init__()
             self.embedding = nn.Embedding(vocab, config.embedding, padding_idx=0)
+            self.ngrams = None
+            if ngrams is not None:
+                # subword buckets shared by pieces with common character n-grams; folded into
+                # `embedding` by `freeze()` before export, so the ONNX graph is a plain lookup
+                self.ngrams = nn.Embedding(config.ngram_buckets + 1, config.embedding, padding_idx=config.ngram_buckets)
+                self.register_buffer("ngram_index", ngrams[0], persistent=False)
+                self.register_buffer("ngram_count", ngrams[1], persistent=False)
             self.conv1 = nn.Conv1d(config.embedding, config.channels, 3, padding=1)
             self.conv2 = nn.Conv1d(config.channels, config.channels, 3, padding=1)
             self.dropout = nn.Dropout(config.dropout)
@@ -83,9 +123,24 @@ def _network(vocab: int, config: TrainConfig):
                 for name, labels in HEADS.items()
             })
 
+        def table(self):
+            weight = self.embedding.weight
+            if self.ngrams is not None:
+                weight = weight + self.ngrams(self.ngram_index).sum(dim=1) / self.ngram_count.clamp(min=1.0)
+            return weight
+
+        def freeze(self) -> None:
+            if self.ngrams is not None:
+                with torch.no_grad():
+                    self.embedding.weight.copy_(self.table())
+                self.ngrams = None
+
         def forward(self, input_ids, attention_mask):
             mask = attention_mask.unsqueeze(-1).to(torch.float32)            # [B, L, 1]
-            x = self.embedding(input_ids) * mask                             # [B, L, E]
+            if self.ngrams is None:
+                x = self.embedding(input_ids) * mask                         # [B, L, E]
+            else:
+                x = nn.functional.embedding(input_ids, self.table()) * mask
             channel_mask = mask.transpose(1, 2)                              # [B, 1, L]
             # re-mask after every convolution so padding never leaks into real positions
             x = torch.relu(self.conv1(x.transpose(1, 2))) * channel_mask     # [B, C, L]
@@ -97,6 +152,28 @@ def _network(vocab: int, config: TrainConfig):
             return tuple(self.heads[name](features) for name in HEADS)
 
     return IntentNet()
+
+
+def _ensemble_class():
+    import torch
+    from torch import nn
+
+    class Ensemble(nn.Module):
+        """Mean of the members' logits, head by head (one ONNX graph)."""
+
+        def __init__(self, members) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(members)
+
+        def forward(self, input_ids, attention_mask):
+            outs = [m(input_ids, attention_mask) for m in self.members]
+            return tuple(torch.stack(head).mean(dim=0) for head in zip(*outs))
+
+    return Ensemble
+
+
+def _Ensemble(members):
+    return _ensemble_class()(members).eval()
 
 
 def _encode(tokenizer, texts: list[str], max_length: int):
@@ -139,41 +216,65 @@ def train(*, data_dir: Path = DATA_DIR, output: Path = OUTPUT_DIR, config: Train
 
     targets = {name: torch.tensor([labels.index(s.labels[name]) for s in train_set]) for name, labels in HEADS.items()}
     ids, mask = _encode(tokenizer, texts, config.max_length)
-    net = _network(vocab, config)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(texts) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate,
-                                                   total_steps=config.epochs * steps_per_epoch)
+    ngrams = _piece_ngrams(tokenizer, config) if config.ngram_buckets else None
+    # pieces that start a word (Metaspace marks them with U+2581): whole-word dropout
+    starts = torch.zeros(vocab, dtype=torch.bool)
+    for piece, v in tokenizer.get_vocab().items():
+        starts[v] = piece.startswith("\u2581")
     # inverse-sqrt class weights: rare labels (SOCIAL, SUPPORT, OTHER...) are not drowned out
     loss_fns = {}
     for name, labels in HEADS.items():
         counts = torch.bincount(targets[name], minlength=len(labels)).to(torch.float32).clamp(min=1.0)
         weights = (counts.sum() / counts).sqrt()
         loss_fns[name] = nn.CrossEntropyLoss(weight=weights / weights.mean())
-    generator = torch.Generator().manual_seed(config.seed)
-    for epoch in range(config.epochs):
-        net.train()
-        order = torch.randperm(len(texts), generator=generator)
-        total = 0.0
-        for start in range(0, len(texts), config.batch_size):
-            batch = order[start:start + config.batch_size]
-            width = int(mask[batch].sum(dim=1).max())
-            b_ids, b_mask = ids[batch, :width].clone(), mask[batch, :width]
-            drop = (torch.rand(b_ids.shape, generator=generator) < config.token_dropout) & (b_mask == 1)
-            # half of the dropped tokens become <unk>, half a random piece: teaches the model that
-            # unfamiliar pieces (words it never saw) carry no domain
-            noise = torch.randint(2, vocab, b_ids.shape, generator=generator)
-            coin = torch.rand(b_ids.shape, generator=generator) < 0.5
-            b_ids[drop] = torch.where(coin, noise, torch.ones_like(noise))[drop]
-            outputs = net(b_ids, b_mask)
-            loss = sum(loss_fns[name](out, targets[name][batch]) for name, out in zip(HEADS, outputs))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += float(loss.detach()) * len(batch)
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {total / len(texts):.4f}")
-    net.eval()
+
+    def fit(member: int):
+        # member 0 uses the global seed as set above; later members re-seed (init and noise)
+        seed = config.seed + member
+        if member:
+            torch.manual_seed(seed)
+        net = _network(vocab, config, ngrams)
+        optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        steps_per_epoch = -(-len(texts) // config.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate,
+                                                       total_steps=config.epochs * steps_per_epoch)
+        generator = torch.Generator().manual_seed(seed)
+        for epoch in range(config.epochs):
+            net.train()
+            order = torch.randperm(len(texts), generator=generator)
+            total = 0.0
+            for start in range(0, len(texts), config.batch_size):
+                batch = order[start:start + config.batch_size]
+                width = int(mask[batch].sum(dim=1).max())
+                b_ids, b_mask = ids[batch, :width].clone(), mask[batch, :width]
+                drop = (torch.rand(b_ids.shape, generator=generator) < config.token_dropout) & (b_mask == 1)
+                # half of the dropped tokens become <unk>, half a random piece: teaches the model that
+                # unfamiliar pieces (words it never saw) carry no domain
+                noise = torch.randint(2, vocab, b_ids.shape, generator=generator)
+                coin = torch.rand(b_ids.shape, generator=generator) < 0.5
+                b_ids[drop] = torch.where(coin, noise, torch.ones_like(noise))[drop]
+                if config.word_dropout:
+                    # drop whole words (every piece of the word becomes <unk>): the frame must carry
+                    # speech act and expectation when the content word is unfamiliar
+                    word = torch.cumsum(starts[ids[batch, :width]].to(torch.int64), dim=1).clamp(max=width - 1)
+                    gone = torch.rand(b_ids.shape, generator=generator) < config.word_dropout
+                    gone = torch.gather(gone, 1, word) & (b_mask == 1)
+                    b_ids[gone] = 1
+                outputs = net(b_ids, b_mask)
+                loss = sum(loss_fns[name](out, targets[name][batch]) for name, out in zip(HEADS, outputs))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                total += float(loss.detach()) * len(batch)
+            log(f"model {member + 1}/{config.ensemble} epoch {epoch + 1}/{config.epochs}: loss {total / len(texts):.4f}")
+        net.eval()
+        net.freeze()
+        return net
+
+    members = [fit(k) for k in range(config.ensemble)]
+    parameters = sum(p.numel() for m in members for p in m.parameters())
+    net = members[0] if len(members) == 1 else _Ensemble(members)
 
     output.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(output / "tokenizer.json"))
@@ -194,7 +295,7 @@ def train(*, data_dir: Path = DATA_DIR, output: Path = OUTPUT_DIR, config: Train
         "onnx_max_abs_logit_diff": float(f"{max_diff:.3e}"),
         "config": attrs.asdict(config),
         "data_sha256": _digest(data_dir),
-        "parameters": sum(p.numel() for p in net.parameters()),
+        "parameters": parameters,
         "built_with": _versions(),
         "rebuild": "ktulhu router train  (needs: pip install -e '.[train]')",
     }

@@ -112,11 +112,10 @@ class MessageOps:
         with self._locks.hold("chat:" + chat_id):
             batch = self._batch()
             for key, old in self._chat_entries(chat_id):
-                if old.role == SUMMARY and old.id != message.id:
+                if old.role == SUMMARY or old.id == message.id:
                     self._drop_message(batch, chat_id, old.id, key, old)
-            stored, _ = self._put_message(batch, message)
-            batch.put(keys.ix_summary(chat_id), self._get(keys.ix_msg_id(chat_id, stored.id))
-                      or keys.msg_key(chat_id, stored.seq or 0))
+            # the new summary is the chat's newest message, even when it reuses an old summary's id
+            stored, _ = self._put_message(batch, message, fresh=True)
             self._write(batch)
             return stored
 
@@ -247,11 +246,15 @@ class MessageOps:
                     break
         return seq, last_ts
 
-    def _put_message(self: Any, batch: "WriteBatch", message: Message) -> tuple[Message, bool]:
-        """Add the message and its index entries to `batch`; returns (stored, summary pointer stale)."""
+    def _put_message(
+        self: Any, batch: "WriteBatch", message: Message, *, fresh: bool = False
+    ) -> tuple[Message, bool]:
+        """Add the message and its index entries to `batch`; returns (stored, summary pointer stale).
+
+        `fresh`: the caller already dropped any message with this id in `batch`; append it anew."""
         chat_id = message.chat_id
         message = _with(message)
-        existing_key = self._get(keys.ix_msg_id(chat_id, message.id))
+        existing_key = None if fresh else self._get(keys.ix_msg_id(chat_id, message.id))
         old = None if existing_key is None else self._load(Message, existing_key)
         summary_changed = False
         if existing_key is not None and old is not None:

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ktulhu.store import Chat, IdentityTaken, Message, Store, User
@@ -44,6 +44,7 @@ def index_dump(store: Store) -> dict[bytes, bytes]:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, max_size=40))
+@example([("summary", "c1", "m2"), ("save", "c1", "m1", "user", 1_700_000_000_000), ("summary", "c1", "m2")])
 def test_random_operations_keep_indexes_consistent(sequence: list[tuple]) -> None:
     directory = Path(tempfile.mkdtemp(prefix="ktulhu-model-"))
     store = Store.open(directory / "db")
