@@ -27,7 +27,6 @@ __all__ = ["serve"]
 async def serve(
     settings: Settings,
     *,
-    handle_signals: bool = True,
     task_status: trio.TaskStatus[tuple[Runtime, list[str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole server until a signal (or `runtime.shutting_down`) stops it.
@@ -37,8 +36,7 @@ async def serve(
     """
     runtime = Runtime(settings)
     async with trio.open_nursery() as root:
-        if handle_signals:
-            root.start_soon(signals.watch, runtime, root.cancel_scope)
+        root.start_soon(signals.watch, runtime, root.cancel_scope)
         await root.start(tree.run, runtime)
         binds = await root.start(_serve_http, create_app(runtime), runtime, root.cancel_scope)
         log_listening(settings, binds)
