@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ktulhu-installed
 
-.PHONY: setup model serve test bench-store bench-engine bench-router router-model router-eval clean
+.PHONY: setup model serve test browser bench-store bench-engine bench-router bench-ws router-model router-eval clean
 
 # The virtual environment, rebuilt when pyproject.toml changes. llama-cpp-python compiles from
 # source once; pip's wheel cache serves later installs of the same pinned version.
@@ -22,7 +22,14 @@ model: $(STAMP)
 serve: setup model
 	$(BIN)/ktulhu serve
 
-test: setup model
+# Headless Chromium for the browser tests (Debian's package; no browser download by playwright).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && $$SUDO apt-get install -y chromium; \
+	fi
+
+test: setup model browser
 	$(BIN)/python -m pytest
 
 bench-store: setup
@@ -35,6 +42,10 @@ bench-engine: setup model
 
 bench-router: setup
 	$(BIN)/python -m bench.router
+
+# The server as its own process: 1,000 idle sockets, 16 active chats, /ws vs the engine directly.
+bench-ws: setup model
+	$(BIN)/python -m bench.ws_load
 
 # Rebuilds models/intent_router/ from data/intents/ (CPU, deterministic, about 2-3 minutes).
 router-model: setup

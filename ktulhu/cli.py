@@ -1,4 +1,4 @@
-"""The `ktulhu` command: `serve`, `models pull`, `router train|classify|eval`, `config`."""
+"""The `ktulhu` command: `serve`, `models pull`, `router ...`, `admin ...`, `agent`, `config`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 import trio
 
 from .logs import configure_logging
+from . import admin_cli
+from .agent import cli as agent_cli
 from .router import cli as router_cli
 from .settings import Settings, SettingsError, load_settings, setting_fields
 
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--dir", type=Path, default=Path("models"), help="target directory (default: models)")
 
     router_cli.add_parser(commands)
+    admin_cli.add_parser(commands)
+    agent_cli.add_parser(commands)
 
     config = commands.add_parser("config", help="show the effective settings and where each comes from")
     config.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -54,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models_pull(args)
         if args.command == "router":
             return router_cli.run(args)
+        if args.command == "admin":
+            return admin_cli.run(args)
+        if args.command == "agent":
+            return agent_cli.run(args)
         return _config(args)
     except SettingsError as error:
         print(f"ktulhu: {error}", file=sys.stderr)

@@ -226,6 +226,80 @@ class Settings:
         "APPLE_CLIENT_ID", "", _text, "Expected audience of Apple ID tokens; empty = Apple sign-in off.",
         group="auth",
     )
+    jwt_issuer: str = setting("KTULHU_JWT_ISSUER", "ktulhu", _text, "`iss` claim of app JWTs.", group="auth")
+    jwt_audience: str = setting(
+        "KTULHU_JWT_AUDIENCE", "ktulhu", _text, "`aud` claim of app JWTs.", group="auth",
+    )
+    free_generations: int = setting(
+        "KTULHU_FREE_GENERATIONS", 10, _int(0, 1_000_000_000), "Generations a free account may run.",
+        group="auth",
+    )
+    min_password: int = setting(
+        "KTULHU_MIN_PASSWORD", 8, _int(1, 1024), "Minimum password length at registration.", group="auth",
+    )
+    login_rate: int = setting(
+        "KTULHU_LOGIN_RATE", 10, _int(0, 1_000_000),
+        "Sign-in attempts per minute per IP and per email (0 = unlimited).", group="auth",
+    )
+    google_jwks_url: str = setting(
+        "KTULHU_GOOGLE_JWKS_URL", "https://www.googleapis.com/oauth2/v3/certs", _url,
+        "Where Google's signing keys are fetched.", group="auth",
+    )
+    apple_jwks_url: str = setting(
+        "KTULHU_APPLE_JWKS_URL", "https://appleid.apple.com/auth/keys", _url,
+        "Where Apple's signing keys are fetched.", group="auth",
+    )
+    jwks_ttl: float = setting(
+        "KTULHU_JWKS_TTL", 3600.0, _float(1.0, 7 * 24 * 3600.0),
+        "Seconds Google/Apple signing keys are cached (an unknown key id refetches).", group="auth",
+    )
+    admin_auth_file: str = setting(
+        "KTULHU_ADMIN_AUTH_FILE", "config/internal_admin_auth.json", _text,
+        "Admin credentials (an argon2 hash written by `ktulhu admin set-password`).", group="auth",
+    )
+    admin_rate: int = setting(
+        "KTULHU_ADMIN_RATE", 10, _int(0, 1_000_000),
+        "Failed admin sign-ins per minute per IP before 429 (0 = unlimited).", group="auth",
+    )
+    # chat surfaces (/ws and the chat REST routes)
+    anon_rate: int = setting(
+        "KTULHU_ANON_RATE", 20, _int(0, 1_000_000),
+        "Prompts per minute per device and per IP for anonymous sessions (0 = unlimited).", group="chat",
+    )
+    ws_max_frame: int = setting(
+        "KTULHU_WS_MAX_FRAME", 1 << 20, _int(1024, 64 << 20), "Largest /ws frame in bytes.", group="chat",
+    )
+    max_prompt_chars: int = setting(
+        "KTULHU_MAX_PROMPT_CHARS", 32_000, _int(1, 10_000_000), "Longest prompt text in characters.",
+        group="chat",
+    )
+    max_attachments: int = setting(
+        "KTULHU_MAX_ATTACHMENTS", 8, _int(0, 1000), "Attachments per prompt.", group="chat",
+    )
+    max_preview_bytes: int = setting(
+        "KTULHU_MAX_PREVIEW_BYTES", 256 * 1024, _int(0, 64 << 20),
+        "Largest `previewBase64` of one attachment (characters).", group="chat",
+    )
+    ws_queue: int = setting(
+        "KTULHU_WS_QUEUE", 64, _int(4, 100_000),
+        "Frames waiting for a slow /ws reader before tokens are coalesced.", group="chat",
+    )
+    ws_send_timeout: float = setting(
+        "KTULHU_WS_SEND_TIMEOUT", 30.0, _float(0.1, 3600.0),
+        "Seconds a /ws reader may accept nothing before it is disconnected.", group="chat",
+    )
+    history_messages: int = setting(
+        "KTULHU_HISTORY_MESSAGES", 24, _int(0, 10_000),
+        "Stored messages considered for a prompt (then trimmed to the context by tokens).", group="chat",
+    )
+    register_history: int = setting(
+        "KTULHU_REGISTER_HISTORY", 50, _int(0, 10_000), "Recent messages sent with `registered`.",
+        group="chat",
+    )
+    open_listings: bool = setting(
+        "KTULHU_OPEN_LISTINGS", False, _flag,
+        "1 = single-user deployment: device and summary listings need no credential.", group="chat",
+    )
     # model and engine
     model_path: str = setting(
         "LLAMA_CLI_MODEL", default_model_path(), _text, "Path of the GGUF model.", group="engine",
@@ -323,6 +397,10 @@ class Settings:
     )
     stripe_cancel_url: str = setting(
         "STRIPE_CANCEL_URL", "http://localhost:3000/payment/cancel", _url, "Redirect on cancel.",
+        group="payments",
+    )
+    stripe_api_base: str = setting(
+        "KTULHU_STRIPE_API_BASE", "https://api.stripe.com", _url, "Stripe API address (tests point it at loopback).",
         group="payments",
     )
 

@@ -1,15 +1,22 @@
-"""Shared fixtures: the repository root, the default model, and isolated server directories."""
+"""Shared fixtures: the repository root, the default model, isolated server directories, and a
+whole server (store, model, router, hypercorn) running on a loopback port inside the test's trio run."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
+import attrs
 import pytest
+import trio
 
-from ktulhu.settings import default_model_path
+from ktulhu.nurseries import root
+from ktulhu.nurseries.runtime import Runtime
+from ktulhu.settings import default_model_path, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +41,7 @@ def server_dir(tmp_path: Path, default_model: Path) -> Path:
     shutil.copy(REPO / "chat_template.jinja", tmp_path / "chat_template.jinja")
     (tmp_path / "models").mkdir()
     os.symlink(default_model, tmp_path / default_model_path())
+    os.symlink(REPO / "models" / "intent_router", tmp_path / "models" / "intent_router")
     return tmp_path
 
 
@@ -54,3 +62,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: A JWT secret for servers started by tests (at least 32 bytes).
+TEST_JWT_SECRET = "test-secret-" + "0123456789abcdef" * 3
+
+
+@attrs.frozen
+class LiveServer:
+    """A server started by `live_server`: its base URLs and the runtime it serves."""
+
+    url: str
+    ws_url: str
+    runtime: Runtime
+    root: Path
+
+
+LiveServerFactory = Callable[..., AbstractAsyncContextManager[LiveServer]]
+
+
+@pytest.fixture
+def live_server(server_dir: Path) -> LiveServerFactory:
+    """`async with live_server(KTULHU_ANON_RATE="0", ...) as server:` runs the whole server on
+    127.0.0.1 (any free port) with the real default model and router, in the test's directory.
+
+    The server is ready (store, model and router usable) when the block starts; leaving the block
+    stops it gracefully, like SIGTERM."""
+
+    @asynccontextmanager
+    async def start(**env: str) -> AsyncIterator[LiveServer]:
+        settings = load_settings(
+            environ={"KTULHU_HOST": "127.0.0.1", "KTULHU_PORT": "0", "LLAMA_CLI_THREADS": "1",
+                     "JWT_SECRET": TEST_JWT_SECRET, "KTULHU_GRACEFUL_TIMEOUT": "1", **env},
+            root=server_dir,
+        )
+        async with trio.open_nursery() as nursery:
+            runtime, binds = await nursery.start(root.serve, settings)
+            with trio.fail_after(120):
+                while not runtime.readiness.ready:
+                    await trio.sleep(0.02)
+            port = int(binds[0].rsplit(":", 1)[1])
+            yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", runtime, server_dir)
+            runtime.request_shutdown()
+
+    return start

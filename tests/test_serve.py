@@ -69,7 +69,7 @@ def test_serve_health_ready_and_sigterm_exit(server_dir: Path) -> None:
     assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "alive"}
     ready = wait_ready(base)
     assert ready["status"] == "ready"
-    assert set(ready["components"]) == {"store", "model", "router"}
+    assert set(ready["components"]) == {"store", "model", "router", "summaries"}
     assert ready["components"]["model"]["n_vocab"] == 49152
     code, seconds, out = stop(proc)
     out = "".join(log) + out
@@ -136,7 +136,7 @@ def test_hypercorn_trio_worker_runs_the_same_tree(server_dir: Path, free_port: i
     wait_for_line(proc, r"Running on")
     assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "alive"}
     ready = wait_ready(base)
-    assert set(ready["components"]) == {"store", "model", "router"}
+    assert set(ready["components"]) == {"store", "model", "router", "summaries"}
     assert (server_dir / "asgi-db").is_dir()
     code, seconds, out = stop(proc)
     assert code == 0 and seconds < 5, out

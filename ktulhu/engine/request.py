@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
 
 from .sampling import SamplingParams
 
-__all__ = ["Busy", "EngineClosed", "EngineError", "Finished", "Generation", "RequestMetrics"]
+__all__ = ["FINISH_OBSERVERS", "Busy", "EngineClosed", "EngineError", "Finished", "Generation", "RequestMetrics"]
+
+#: Called on the trio thread, once per generation, with its `Finished` (metrics use it for the
+#: TTFT and inter-token histograms). An observer that raises is ignored: it must never break delivery.
+FINISH_OBSERVERS: list[Callable[["Finished"], None]] = []
+
+
+def _notify_finished(finished: "Finished") -> None:
+    for observer in tuple(FINISH_OBSERVERS):
+        try:
+            observer(finished)
+        except Exception:  # noqa: BLE001 - observability must not break generation
+            pass
 
 
 class EngineError(Exception):
@@ -127,11 +139,15 @@ class Generation:
         if text:
             self._pieces.append(text)
         if finished is not None:
+            first = self.finished is None
             self.finished = finished
+            if first:
+                _notify_finished(finished)
         self._event.set()
 
     def fail(self, error: EngineError) -> None:
         if self.finished is None:
             self.error = error
             self.finished = Finished("error", self.metrics)
+            _notify_finished(self.finished)
         self._event.set()

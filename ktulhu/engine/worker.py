@@ -31,7 +31,7 @@ from . import llama_log
 from .model import Model
 from .output import OutputFilter
 from .request import EngineClosed, EngineError, Finished, Generation
-from .sampling import PENALTY_LAST_N, build_chain
+from .sampling import TokenSampler
 
 __all__ = ["DecodeWorker", "WorkerStats", "physical_cores"]
 
@@ -65,7 +65,7 @@ class _Slot:
     gen: Generation | None = None
     pending: list[int] = attrs.field(factory=list)  # prompt tokens still to prefill
     last_token: int = -1
-    chain: llama_cpp.llama_sampler_p | None = None
+    chain: TokenSampler | None = None
     output: OutputFilter | None = None
     max_tokens: int = 0
     batch_index: int | None = None
@@ -290,7 +290,7 @@ class DecodeWorker:
             now = time.perf_counter()
             for slot in running:
                 if slot.batch_index is not None:
-                    self._sampled(slot, llama_cpp.llama_sampler_sample(slot.chain, self.ctx, slot.batch_index), now)
+                    self._sampled(slot, slot.chain.sample(self.ctx, slot.batch_index), now)
         self._steps += 1
         self._step_s += time.perf_counter() - started
         return True
@@ -345,6 +345,13 @@ class DecodeWorker:
             self._call_trio(self._on_slot_free)
             return
         prompt = list(gen.tokens)
+        try:
+            chain = TokenSampler.create(gen.params, self.model.vocab, self.model.info.n_vocab,
+                                        gen.params.resolved_seed(), prompt)
+        except ValueError as error:  # a grammar llama.cpp refuses: this request fails, nothing else
+            self._call_trio(gen.fail, EngineError(str(error)))
+            self._call_trio(self._on_slot_free)
+            return
         slot = self._choose_slot(prompt, gen.chat_id)
         reuse = _common_prefix(slot.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is decoded again for its logits
@@ -353,11 +360,7 @@ class DecodeWorker:
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
                 reuse = 0
             del slot.cached[reuse:]
-        seed = gen.params.resolved_seed()
-        slot.chain = build_chain(gen.params, self.model.info.n_vocab, seed)
-        if gen.params.repeat_penalty != 1.0:
-            for token in prompt[-PENALTY_LAST_N:]:
-                llama_cpp.llama_sampler_accept(slot.chain, token)
+        slot.chain = chain
         slot.gen = gen
         slot.chat_id = gen.chat_id
         slot.pending = prompt[reuse:]
@@ -388,8 +391,11 @@ class DecodeWorker:
             return empty[0]
         return min(free, key=lambda s: s.last_used)
 
-    def _sampled(self, slot: _Slot, token: int, now: float) -> None:
+    def _sampled(self, slot: _Slot, token: int | None, now: float) -> None:
         gen = slot.gen
+        if token is None:
+            self._finish(slot, "error", error=EngineError("the grammar allows no further text at this point"))
+            return
         metrics = gen.metrics
         if metrics.first_token is None:
             metrics.first_token = now
@@ -423,7 +429,7 @@ class DecodeWorker:
         gen = slot.gen
         if reason not in ("cancelled", "stop") and error is None:
             text += slot.output.finish()
-        llama_cpp.llama_sampler_free(slot.chain)
+        slot.chain.close()
         slot.chain = None
         slot.gen = None
         slot.pending = []

@@ -25,6 +25,9 @@ def hypercorn_config(settings: Settings) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")
     # Long generations stream for minutes; never close an open stream for keep-alive reasons.
     config.keep_alive_timeout = 75
+    # Frames over KTULHU_WS_MAX_FRAME get an `error` (and `done`) from the chat session; only far
+    # larger ones are cut by hypercorn (close code 1009).
+    config.websocket_max_message_size = max(4 * settings.ws_max_frame, 16 << 20)
     return config
 
 

@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from ..chat.hub import SummaryHub
+from ..chat.turns import TurnQueue
 from ..settings import Settings
 from .readiness import Readiness
 
 if TYPE_CHECKING:
+    from ..chat.summaries import SummaryWorker
     from ..engine.engine import Engine
     from ..engine.model import Model
     from ..router.service import Router
@@ -40,6 +43,11 @@ class Runtime:
     model: Model | None = None
     engine: Engine | None = None
     router: Router | None = None
+    summaries: SummaryWorker | None = None
+    #: New chat titles, for `/chat-summary/ws` and `/ws` sessions.
+    summary_hub: SummaryHub = attrs.field(factory=SummaryHub)
+    #: One reply per chat at a time (`/ws` prompts queue behind a chat's running reply).
+    turns: TurnQueue = attrs.field(factory=TurnQueue)
 
     def request_shutdown(self) -> None:
         """Stop accepting work: `/readyz` turns 503 and long-lived handlers wrap up."""

@@ -3,8 +3,9 @@
     tree.run
     └── store (open ... close)
         └── services nursery
-            ├── model   (GGUF loaded once; the batching engine and its decode threads)
-            └── router  (intent router)
+            ├── model      (GGUF loaded once; the batching engine and its decode threads)
+            ├── router     (intent router)
+            └── summaries  (chat titles, low priority)
 
 `run` reports started as soon as the store is open, so HTTP can answer `/healthz` and a 503
 `/readyz` while the model loads; each service reports its own readiness through `nursery.start`.
@@ -20,6 +21,7 @@ import trio
 
 from . import engine as engine_service
 from . import router as router_service
+from . import summaries as summaries_service
 from . import store as store_service
 from .runtime import Runtime, ServiceFailed
 
@@ -32,6 +34,7 @@ Service = Callable[..., Awaitable[Any]]
 SERVICES: tuple[tuple[str, Service], ...] = (
     ("model", engine_service.run),
     ("router", router_service.run),
+    ("summaries", summaries_service.run),
 )
 
 

@@ -13,6 +13,8 @@ once, each in a worker thread, and requests arriving meanwhile wait and form the
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,11 @@ from .routing import Prepared, decide, prepare, route_intent
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["REQUIRED_FILES", "Router", "RouterLoadError", "RouterStatistics"]
+__all__ = ["LATENCY_OBSERVERS", "REQUIRED_FILES", "Router", "RouterLoadError", "RouterStatistics"]
+
+#: Called with the seconds each `classify` took (`/metrics` observes them); kept as plain callbacks
+#: so that importing the router stays light.
+LATENCY_OBSERVERS: list[Callable[[float], None]] = []
 
 log = logging.getLogger("ktulhu.router")
 
@@ -125,8 +131,17 @@ class Router:
         """Route one message. Never raises for router problems and returns within `timeout` seconds.
 
         `language` is the client's hint (`"pt-BR"`, None...); the result's `language` is its
-        normalised form whatever happens.
+        normalised form whatever happens. The time taken goes to `LATENCY_OBSERVERS`.
         """
+        started = time.perf_counter()
+        try:
+            return await self._classify(text, language)
+        finally:
+            elapsed = time.perf_counter() - started
+            for observer in tuple(LATENCY_OBSERVERS):
+                observer(elapsed)
+
+    async def _classify(self, text: str, language: str | None) -> IntentRoutingResult:
         prepared = prepare(text, language)
         if isinstance(prepared, IntentRoutingResult):
             return prepared

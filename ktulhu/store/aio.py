@@ -183,8 +183,9 @@ class AsyncStore:
     async def update_chat(self, chat_id: str, change: Callable[[Chat], Chat]) -> Chat | None:
         return await self.run(self.store.update_chat, chat_id, change)
 
-    async def ensure_chat_for_device(self, chat_id: str, device_hash: str | None) -> tuple[Chat, bool]:
-        return await self.run(self.store.ensure_chat_for_device, chat_id, device_hash)
+    async def ensure_chat_for_device(self, chat_id: str, device_hash: str | None, *,
+                                     user_id: str | None = None) -> tuple[Chat, bool]:
+        return await self.run(self.store.ensure_chat_for_device, chat_id, device_hash, user_id=user_id)
 
     async def touch_chat(self, chat_id: str, device_hash: str | None = None, *, user_id: str | None = None,
                          now: int | None = None) -> Chat:

@@ -53,15 +53,17 @@ class ChatOps:
             self._write(batch)
             return new
 
-    def ensure_chat_for_device(self: Any, chat_id: str, device_hash: str | None) -> tuple[Chat, bool]:
-        """The chat with `chat_id`, created for `device_hash` if missing (a new UUID when `chat_id` is
-        empty). Returns (chat, created)."""
+    def ensure_chat_for_device(
+        self: Any, chat_id: str, device_hash: str | None, *, user_id: str | None = None,
+    ) -> tuple[Chat, bool]:
+        """The chat with `chat_id`, created for `device_hash` (and owned by `user_id`) if missing (a
+        new UUID when `chat_id` is empty). An existing chat is returned unchanged. Returns (chat, created)."""
         chat_id = check_id(chat_id or str(uuid.uuid4()), "chat id")
         with self._locks.hold("chat:" + chat_id):
             old = self._load(Chat, keys.chat_meta_key(chat_id))
             if old is not None:
                 return old, False
-            chat = Chat(id=chat_id, device_hash=device_hash, updated_ts=now_ms())
+            chat = Chat(id=chat_id, device_hash=device_hash, user_id=user_id, updated_ts=now_ms())
             batch = self._batch()
             self._put_chat(batch, chat, None)
             self._write(batch)

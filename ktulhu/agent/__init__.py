@@ -1,0 +1,1 @@
+"""The `ktulhu agent` command: local automation on the same model."""

@@ -1,0 +1,151 @@
+"""One quota-paid generation for the integrator APIs: reserve, route, submit, stream, refund.
+
+Order: the user's quota is reserved first (atomic; `Problem` 403 `free_quota_exceeded` when used
+up), then the prompt is built and submitted (engine refusals are `Problem`s with a status), then
+the text is read. The reservation is refunded when no text reached the caller: the engine refused
+or failed before the first piece, or the caller went away before it. A reply that was delivered,
+even partly, counts.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from quart import Response
+
+from ..auth.quota import QuotaExceeded, Reservation, UserGone, reserve
+from ..engine.prompt import ChatMessage, ContextTooLong, PromptError
+from ..engine.request import Busy, EngineClosed, EngineError, Generation
+from ..engine.sampling import SamplingParams
+from ..nurseries.runtime import Runtime
+from ..prompts import system_prompt
+from ..router.result import IntentRoutingResult
+from ..store.records import User
+from .problems import Problem
+
+__all__ = ["PaidGeneration", "begin", "routed_system_prompt", "sse_event", "sse_response"]
+
+#: Seconds a refund may take when the request is being cancelled (it runs shielded).
+REFUND_TIMEOUT_S = 5.0
+
+
+async def routed_system_prompt(runtime: Runtime, text: str, language: str | None) -> tuple[IntentRoutingResult | None, str]:
+    """The router's decision for `text` and the system prompt in the caller's language."""
+    router = runtime.router
+    if router is None:
+        raise Problem(503, "router_unavailable", "the intent router is not running; try again shortly")
+    result = await router.classify(text, language)
+    return result, system_prompt(result, language or result.language)
+
+
+def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation:
+    engine = runtime.engine
+    if engine is None or runtime.shutting_down.is_set():
+        raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
+                      headers={"Retry-After": "5"})
+    try:
+        return engine.chat(messages, params)
+    except Busy as exc:
+        raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "1"}) from None
+    except ContextTooLong as exc:
+        raise Problem(413, "context_too_long", str(exc), param="messages") from None
+    except PromptError as exc:
+        raise Problem(400, "invalid_prompt", str(exc), param="messages") from None
+    except EngineClosed as exc:
+        raise Problem(503, "engine_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+    except ValueError as exc:  # e.g. a grammar that this model's vocabulary cannot express
+        raise Problem(400, "invalid_request", str(exc)) from None
+
+
+@attrs.define(eq=False)
+class PaidGeneration:
+    """A running generation and the quota reservation that pays for it. Use `with` (leaving cancels)."""
+
+    generation: Generation
+    reservation: Reservation
+    delivered: bool = False
+
+    def __enter__(self) -> PaidGeneration:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.generation.cancel()
+
+    @property
+    def generation_count(self) -> int:
+        return self.reservation.generation_count
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The reply's text pieces. An engine failure is a `Problem` (after the refund when nothing
+        was delivered); cancellation before the first piece refunds too (shielded, bounded)."""
+        try:
+            async for piece in self.generation:
+                self.delivered = True
+                yield piece
+        except EngineError as exc:
+            await self._refund_if_undelivered()
+            status = 503 if isinstance(exc, EngineClosed) else 500
+            raise Problem(status, "generation_failed", str(exc) or "the generation failed") from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._refund_if_undelivered()
+            raise
+
+    async def text(self) -> str:
+        parts = [piece async for piece in self.pieces()]
+        return "".join(parts)
+
+    async def _refund_if_undelivered(self) -> None:
+        if not self.delivered:
+            with trio.move_on_after(REFUND_TIMEOUT_S):
+                await self.reservation.refund()
+
+    @property
+    def finish_reason(self) -> str | None:
+        finished = self.generation.finished
+        return None if finished is None else finished.reason
+
+    @property
+    def usage(self) -> dict[str, int]:
+        metrics = self.generation.metrics
+        prompt, completion = metrics.prompt_tokens, metrics.generated_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], params: SamplingParams) -> PaidGeneration:
+    """Reserve one generation of `user`'s quota and submit the prompt; raises `Problem`."""
+    try:
+        reservation = await reserve(runtime, user)
+    except QuotaExceeded:
+        raise Problem(403, "free_quota_exceeded",
+                      "the free plan's generations are used up; upgrade to continue") from None
+    except UserGone:
+        raise Problem(401, "user_not_found", "the account no longer exists") from None
+    try:
+        generation = _submit(runtime, messages, params)
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(REFUND_TIMEOUT_S):
+            await reservation.refund()
+        raise
+    return PaidGeneration(generation, reservation)
+
+
+def sse_event(data: Any, event: str | None = None) -> bytes:
+    """One Server-Sent Event: an optional `event:` line and one `data:` line of compact JSON."""
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def sse_response(body: AsyncIterator[bytes], paid: PaidGeneration) -> Response:
+    """A `text/event-stream` response of `body`. The generation is cancelled when the response is
+    dropped, also when the client left before the body started (so it never runs unread)."""
+    response = Response(body, status=200, content_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None
+    weakref.finalize(response, paid.generation.cancel)
+    return response

@@ -1,0 +1,1 @@
+"""Who is calling: app JWTs, API keys, admin credentials, and the `Principal` they resolve to."""

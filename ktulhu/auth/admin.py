@@ -1,0 +1,137 @@
+"""Admin credentials: HTTP Basic checked against an argon2 hash kept in `KTULHU_ADMIN_AUTH_FILE`.
+
+The file is `{"username": ..., "password_hash": "$argon2id$..."}`, written by
+`ktulhu admin set-password`. A plaintext `password` (the original's format) is refused with a message
+saying how to replace it. Failed attempts are rate-limited per client address.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import os
+from pathlib import Path
+
+import attrs
+import trio
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from ..nurseries.runtime import Runtime
+
+__all__ = ["AdminCheck", "AdminCredentials", "AdminConfigError", "check_admin", "load_admin_credentials",
+           "write_admin_credentials"]
+
+_hasher = PasswordHasher()
+#: argon2 is deliberately slow; these bound how many verifications run at once.
+_VERIFY_LIMIT = trio.CapacityLimiter(2)
+
+
+class AdminConfigError(Exception):
+    """The admin credentials file is missing or unusable; the message says how to fix it."""
+
+
+@attrs.frozen
+class AdminCredentials:
+    username: str
+    password_hash: str
+
+
+@attrs.frozen
+class AdminCheck:
+    """The outcome of an admin check: `status` 200 on success, else the HTTP status to answer."""
+
+    status: int
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+def load_admin_credentials(path: Path) -> AdminCredentials:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdminConfigError(
+            f"admin credentials not configured: no file at {path}; run `ktulhu admin set-password`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise AdminConfigError(f"admin credentials file {path} is unreadable ({exc}); "
+                               "run `ktulhu admin set-password` to rewrite it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("username"), str) or not data["username"]:
+        raise AdminConfigError(f"{path} has no `username`; run `ktulhu admin set-password`")
+    hashed = data.get("password_hash")
+    if not isinstance(hashed, str) or not hashed.startswith("$argon2"):
+        raise AdminConfigError(
+            f"{path} holds no argon2 `password_hash` (plaintext passwords are not accepted); "
+            "run `ktulhu admin set-password`"
+        )
+    return AdminCredentials(data["username"], hashed)
+
+
+def write_admin_credentials(path: Path, username: str, password: str) -> AdminCredentials:
+    """Hash `password` and write the file atomically, readable by its owner only."""
+    creds = AdminCredentials(username, _hasher.hash(password))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    # Created 0600 from the start: the hash is never readable by others, not even for a moment.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(attrs.asdict(creds)) + "\n")
+    tmp.replace(path)
+    return creds
+
+
+def _basic(authorization: str | None) -> tuple[str, str] | None:
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic" or len(encoded) > 4096:
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def _verify(creds: AdminCredentials, user: str, password: str) -> bool:
+    # Both comparisons always run, so timing does not tell which part was wrong.
+    name_ok = hmac.compare_digest(user.encode(), creds.username.encode())
+    try:
+        password_ok = _hasher.verify(creds.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        password_ok = False
+    return name_ok and password_ok
+
+
+async def check_admin(runtime: Runtime, authorization: str | None, client: str) -> AdminCheck:
+    """Check HTTP Basic credentials; failures count against `client`'s rate budget."""
+    settings = runtime.settings
+    try:
+        creds = load_admin_credentials(settings.path(settings.admin_auth_file))
+    except AdminConfigError as exc:
+        return AdminCheck(503, str(exc))
+    store = runtime.store
+    assert store is not None
+    rate = settings.admin_rate
+    if rate:
+        # Peek at the budget without spending it: only failures spend.
+        decision = await store.aio.take_rate_token(
+            "admin", client or "unknown", capacity=rate, refill_per_s=rate / 60, cost=0)
+        if decision.tokens_left < 1:
+            return AdminCheck(429, "too many failed admin sign-ins; try again later")
+    pair = _basic(authorization)
+    if pair is not None:
+        async with _VERIFY_LIMIT:
+            ok = await trio.to_thread.run_sync(_verify, creds, *pair)
+        if ok:
+            return AdminCheck(200)
+    if rate:
+        await store.aio.take_rate_token("admin", client or "unknown", capacity=rate, refill_per_s=rate / 60)
+    return AdminCheck(401, "unauthorized")

@@ -1,0 +1,99 @@
+"""Resolve a request's credential to a `Principal`: anonymous, a user (JWT or API key), or the admin."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from ..nurseries.runtime import Runtime
+from ..store.records import User
+from .api_keys import authenticate_key, looks_like_key
+from ..store.keys import is_valid_id
+from .tokens import InvalidToken, verify_claims
+
+__all__ = ["ANONYMOUS", "SESSIONS_AFTER", "AuthError", "Kind", "Principal", "authenticate_bearer", "bearer_token",
+           "sessions_after"]
+
+
+class Kind(enum.Enum):
+    ANONYMOUS = "anonymous"
+    USER = "user"
+    ADMIN = "admin"
+
+
+@attrs.frozen
+class Principal:
+    """Who is calling. `user` is set for `Kind.USER` (the record as loaded for this request)."""
+
+    kind: Kind
+    user: User | None = None
+
+    @property
+    def user_id(self) -> str | None:
+        return self.user.id if self.user is not None else None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind is Kind.ADMIN
+
+    @classmethod
+    def anonymous(cls) -> Principal:
+        return cls(Kind.ANONYMOUS)
+
+
+ANONYMOUS = Principal.anonymous()
+
+
+class AuthError(Exception):
+    """A credential was presented and is not valid. `code` is the machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The credential of an `Authorization: Bearer <credential>` header; None when absent.
+
+    Raises `AuthError("invalid_token")` for a header that is present but not a Bearer credential."""
+    if authorization is None:
+        return None
+    scheme, _, credential = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise AuthError("invalid_token", "Authorization must be `Bearer <token or API key>`")
+    return credential.strip()
+
+
+async def authenticate_bearer(runtime: Runtime, credential: str) -> Principal:
+    """A user principal for an app JWT or API key; raises `AuthError` when it is not valid."""
+    store = runtime.store
+    assert store is not None
+    if looks_like_key(credential):
+        user = await store.aio.run(authenticate_key, store, credential)
+        if user is None:
+            raise AuthError("invalid_api_key", "API key is not valid or was revoked")
+        return Principal(Kind.USER, user)
+    try:
+        claims = verify_claims(runtime.settings, credential)
+    except InvalidToken:
+        raise AuthError("invalid_token", "token is not valid or has expired") from None
+    user_id = claims["sub"]
+    user = await store.aio.load_user(user_id) if is_valid_id(user_id) else None
+    if user is None:
+        raise AuthError("user_not_found", "the token's user no longer exists")
+    if claims["iat"] < sessions_after(user):
+        raise AuthError("invalid_token", "token was revoked; sign in again")
+    return Principal(Kind.USER, user)
+
+
+#: `User.meta` key: app JWTs issued before this Unix time (seconds) are no longer accepted.
+SESSIONS_AFTER = "sessions_after"
+
+
+def sessions_after(user: User) -> float:
+    """The time before which the user's app JWTs are revoked (0: none are)."""
+    meta = user.meta if isinstance(user.meta, dict) else {}
+    value = meta.get(SESSIONS_AFTER)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0

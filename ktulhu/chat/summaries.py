@@ -1,0 +1,155 @@
+"""Chat titles ("summaries"): made after a chat's first exchange by a low-priority background worker.
+
+`done` is never delayed by a summary (original §8.17): the prompt flow only *requests* one with
+`SummaryWorker.request`, which never waits. The worker makes one title at a time and only starts
+when the engine is idle (nothing generating, nothing queued) or after `PATIENCE_S`, stores it as the
+chat's `summary` message and publishes it on the `SummaryHub`, which feeds `/chat-summary/ws` and
+the `/ws` session that asked (if it is still open).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import attrs
+import trio
+
+from ..engine.prompt import ChatMessage
+from ..engine.request import EngineError
+from ..engine.sampling import SamplingParams
+from ..nurseries.runtime import Runtime
+from ..router.routing import normalise_language
+from ..store.records import Message
+from .hub import SummaryEvent, SummaryHub
+
+__all__ = ["SummaryWorker", "clean_title", "wants_summary"]
+
+log = logging.getLogger("ktulhu.summaries")
+
+#: Titles longer than this are cut at a word boundary.
+MAX_TITLE_CHARS = 48
+#: User messages the title is made from (the original's choice).
+SOURCE_MESSAGES = 6
+MAX_TOKENS = 24
+#: Longest wait for an idle engine before a title is made anyway.
+PATIENCE_S = 30.0
+POLL_S = 0.05
+GENERATION_TIMEOUT_S = 60.0
+#: Engine affinity key: titles share their system prompt, so they reuse one slot's prefix cache
+#: instead of evicting a conversation's.
+ENGINE_KEY = "chat-titles"
+
+SYSTEM_PROMPT = (
+    "You write short titles for chat conversations. Reply with a title of at most five words that "
+    "names the topic of the user's messages, in the same language as those messages. Plain text, "
+    "lowercase, no quotes, no final punctuation, nothing else."
+)
+
+
+def wants_summary(history: list[Message]) -> bool:
+    """A chat gets a title once it has a user message and a non-empty reply, and no title yet."""
+    roles = {m.role for m in history if m.role != "assistant" or (m.text or "").strip()}
+    return "summary" not in roles and "user" in roles and "assistant" in roles
+
+
+_QUOTES = "\"'`«»“”„‘’"
+
+
+def clean_title(text: str) -> str:
+    """First line, without quotes, markdown or a "Title:" label, cut to `MAX_TITLE_CHARS` on a word."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = re.sub(r"^(title|titulo|título|заголовок)\s*:\s*", "", line, flags=re.IGNORECASE)
+    line = line.strip(_QUOTES + "*#-_ ").rstrip(".!?;:,").strip(_QUOTES + " ")
+    line = re.sub(r"\s+", " ", line)
+    if len(line) > MAX_TITLE_CHARS:
+        cut = line[:MAX_TITLE_CHARS]
+        line = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return line.strip()
+
+
+@attrs.frozen
+class _Job:
+    chat_id: str
+    request_id: str
+
+
+class SummaryWorker:
+    """Makes titles one at a time. `request` never blocks: a full queue skips the title, and the
+    next exchange of that chat asks again."""
+
+    def __init__(self, runtime: Runtime, hub: SummaryHub, *, capacity: int = 64) -> None:
+        self.runtime = runtime
+        self.hub = hub
+        self._send, self._receive = trio.open_memory_channel[_Job](capacity)
+        self._pending: set[str] = set()
+        self.made = 0
+        self.failed = 0
+
+    def request(self, chat_id: str, request_id: str = "") -> bool:
+        if chat_id in self._pending:
+            return True
+        try:
+            self._send.send_nowait(_Job(chat_id, request_id))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        self._pending.add(chat_id)
+        return True
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def run(self, *, task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started({"queue": self._send.statistics().max_buffer_size})
+        async with self._receive:
+            async for job in self._receive:
+                try:
+                    await self._make(job)
+                except (EngineError, OSError, ValueError) as exc:  # one title failing is not fatal
+                    self.failed += 1
+                    log.warning("chat title failed: %s: %s", type(exc).__name__, exc)
+                finally:
+                    self._pending.discard(job.chat_id)
+
+    async def _wait_for_idle_engine(self) -> None:
+        with trio.move_on_after(PATIENCE_S):
+            while True:
+                engine = self.runtime.engine
+                if engine is not None:
+                    stats = engine.stats()
+                    if stats.queue_depth == 0 and stats.busy_slots == 0:
+                        return
+                await trio.sleep(POLL_S)
+
+    async def _make(self, job: _Job) -> None:
+        store = self.runtime.store
+        assert store is not None
+        history = await store.aio.list_messages_for_chat(job.chat_id)
+        if not wants_summary(history):
+            return
+        users = [m for m in history if m.role == "user" and (m.text or "").strip()][-SOURCE_MESSAGES:]
+        if not users:
+            return
+        language = next((normalise_language(m.language) for m in history if (m.language or "").strip()), None)
+        await self._wait_for_idle_engine()
+        engine = self.runtime.engine
+        if engine is None:
+            return
+        messages = [ChatMessage("system", SYSTEM_PROMPT),
+                    ChatMessage("user", "\n".join((m.text or "").strip() for m in users))]
+        params = SamplingParams.defaults(self.runtime.settings, temperature=0.0, max_tokens=MAX_TOKENS)
+        with trio.move_on_after(GENERATION_TIMEOUT_S) as timer:
+            with engine.chat(messages, params, chat_id=ENGINE_KEY) as generation:
+                text = await generation.text()
+        if timer.cancelled_caught:  # an overloaded engine: this chat asks again after its next exchange
+            self.failed += 1
+            log.warning("chat title took longer than %g s; skipped", GENERATION_TIMEOUT_S)
+            return
+        title = clean_title(text)
+        if not title:
+            return
+        message = await store.aio.replace_summary(job.chat_id, title, language=language)
+        chat = await store.aio.touch_chat(job.chat_id)
+        self.made += 1
+        self.hub.publish(SummaryEvent(chat, message, job.request_id))

@@ -1,0 +1,165 @@
+"""Chat REST routes (original §2.4.2), now authorised (`ktulhu/chat/access.py`).
+
+A chat id in the path is checked first (400 for an unsafe id). The caller is resolved from the
+`Authorization` header: HTTP Basic = the admin (every chat), Bearer = a user (their chats and
+anonymous ones), none = anonymous (anonymous chats only, by id). A chat of another account is 403;
+a chat that does not exist reads as empty, as in the original. Listings by device or user need the
+device's or user's own credential, or the admin, or `KTULHU_OPEN_LISTINGS=1`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response
+
+from ..app_state import current_runtime
+from ..auth.principal import Principal
+from ..chat.access import may_list_device, may_use_chat, visible_chats
+from ..chat.hub import SummaryEvent
+from ..store import Store
+from ..store.records import Chat, to_dict
+from .errors import check_path_id, json_body, json_response, raise_error
+from .identity import request_principal
+
+__all__ = ["blueprint"]
+
+blueprint = Blueprint("chats", __name__)
+
+#: Longest summary a caller may set.
+MAX_SUMMARY_CHARS = 500
+
+
+def _store() -> Store:
+    store = current_runtime().store
+    if store is None:
+        raise_error(503, "not_ready", "the store is not open yet")
+    return store
+
+
+async def _chat_for(chat_id: str) -> tuple[Principal, Chat | None]:
+    """The caller and the chat, or 401/403 (an unknown chat is None: anyone may see it is empty)."""
+    check_path_id(chat_id, "chat id")
+    principal = await request_principal()
+    chat = await _store().aio.load_chat(chat_id)
+    if not may_use_chat(principal, chat):
+        raise_error(403, "chat_forbidden", "this chat belongs to another account")
+    return principal, chat
+
+
+def _messages(messages: list[Any]) -> list[dict[str, Any]]:
+    return [to_dict(m) for m in messages]
+
+
+@blueprint.get("/internal/chat-thread/<chat_id>")
+@blueprint.get("/chat-thread/<chat_id>")
+async def get_thread(chat_id: str) -> Response:
+    await _chat_for(chat_id)
+    messages = await _store().aio.list_messages_for_chat(chat_id)
+    return json_response({"chat_id": chat_id, "messages": _messages(messages), "source": "db"})
+
+
+@blueprint.get("/api/chats/<chat_id>/messages")
+async def get_chat_messages(chat_id: str) -> Response:
+    await _chat_for(chat_id)
+    messages = await _store().aio.list_messages_for_chat(chat_id)
+    return json_response({"chat_id": chat_id, "messages": _messages(messages)})
+
+
+@blueprint.delete("/internal/chat-thread/<chat_id>")
+@blueprint.delete("/chat-thread/<chat_id>")
+async def delete_thread(chat_id: str) -> Response:
+    await _chat_for(chat_id)
+    await _store().aio.delete_thread(chat_id)
+    return json_response({"chat_id": chat_id, "deleted": True, "source": ["memory", "db"]})
+
+
+@blueprint.put("/internal/chat-thread/<chat_id>/summary")
+@blueprint.put("/chat-thread/<chat_id>/summary")
+async def put_summary(chat_id: str) -> Response:
+    _, chat = await _chat_for(chat_id)
+    body = await json_body({"summary": ((str,), True), "language": ((str, None), False)})
+    summary = body["summary"].strip()
+    language = body.get("language")
+    if not summary or len(summary) > MAX_SUMMARY_CHARS or (language is not None and len(language) > 32):
+        error = "summary cannot be empty" if not summary else (
+            f"summary longer than {MAX_SUMMARY_CHARS} characters" if len(summary) > MAX_SUMMARY_CHARS
+            else "language must be a short code such as en")
+        return json_response({"chat_id": chat_id, "updated": False, "error": error}, 422)
+    if chat is None:
+        return json_response({"chat_id": chat_id, "updated": False, "error": "chat_not_found"}, 404)
+    store = _store()
+    message = await store.aio.replace_summary(chat_id, summary, language=language)
+    chat = await store.aio.touch_chat(chat_id)
+    current_runtime().summary_hub.publish(SummaryEvent(chat, message))
+    return json_response({"chat_id": chat_id, "summary_id": message.id, "updated": True})
+
+
+@blueprint.delete("/internal/chat-thread/<chat_id>/message/<message_id>")
+@blueprint.delete("/chat-thread/<chat_id>/message/<message_id>")
+async def delete_message(chat_id: str, message_id: str) -> Response:
+    await _chat_for(chat_id)
+    check_path_id(message_id, "message id")
+    if not await _store().aio.delete_message(chat_id, message_id):
+        return json_response({"chat_id": chat_id, "message_id": message_id, "deleted": False,
+                              "error": "message_not_found"}, 404)
+    return json_response({"chat_id": chat_id, "message_id": message_id, "deleted": True})
+
+
+@blueprint.put("/internal/chat-thread/<chat_id>/message/<message_id>/liked")
+@blueprint.put("/chat-thread/<chat_id>/message/<message_id>/liked")
+async def put_liked(chat_id: str, message_id: str) -> Response:
+    await _chat_for(chat_id)
+    check_path_id(message_id, "message id")
+    liked = (await json_body({"liked": ((bool,), True)}))["liked"]
+    if not await _store().aio.set_message_liked(chat_id, message_id, liked):
+        return json_response({"chat_id": chat_id, "message_id": message_id, "updated": False,
+                              "error": "message_not_found"}, 404)
+    return json_response({"chat_id": chat_id, "message_id": message_id, "liked": liked, "updated": True})
+
+
+async def _device_listing(device_hash: str) -> Principal:
+    check_path_id(device_hash, "device hash")
+    principal = await request_principal()
+    if not await may_list_device(current_runtime(), principal, device_hash):
+        if principal.user_id is None:
+            raise_error(401, "login_required", "listing a device's chats needs the account that signed in "
+                                               "on it, or admin credentials")
+        raise_error(403, "device_forbidden", "this device is not registered to your account")
+    return principal
+
+
+@blueprint.get("/internal/chats/by-device/<device_hash>")
+async def chats_by_device(device_hash: str) -> Response:
+    principal = await _device_listing(device_hash)
+    store = _store()
+    chats = visible_chats(principal, await store.aio.list_chats_for_device(device_hash))
+    entries = []
+    for chat in chats:
+        summary = await store.aio.chat_summary(chat.id)
+        entries.append({"chat_id": chat.id, "title": chat.title, "summary": summary.text if summary else None,
+                        "user_id": chat.user_id, "device_hash": chat.device_hash,
+                        "updated_ts": chat.updated_ts, "meta": chat.meta})
+    return json_response({"device_hash": device_hash, "chats": entries})
+
+
+@blueprint.get("/internal/messages/by-device/<device_hash>")
+@blueprint.get("/messages/by-device/<device_hash>")
+async def messages_by_device(device_hash: str) -> Response:
+    principal = await _device_listing(device_hash)
+    store = _store()
+    visible = {c.id for c in visible_chats(principal, await store.aio.list_chats_for_device(device_hash))}
+    messages = [m for m in await store.aio.list_messages_for_device(device_hash) if m.chat_id in visible]
+    return json_response({"device_hash": device_hash, "messages": _messages(messages)})
+
+
+@blueprint.get("/internal/chats/by-user/<user_id>")
+async def chats_by_user(user_id: str) -> Response:
+    check_path_id(user_id, "user id")
+    principal = await request_principal()
+    if not principal.is_admin and principal.user_id != user_id:
+        if principal.user_id is None:
+            raise_error(401, "login_required", "sign in as this user, or use admin credentials")
+        raise_error(403, "user_forbidden", "you may list only your own chats")
+    chats = visible_chats(principal, await _store().aio.list_chats_for_user(user_id))
+    return json_response({"user_id": user_id, "count": len(chats), "chats": [to_dict(c) for c in chats]})

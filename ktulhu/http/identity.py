@@ -1,0 +1,47 @@
+"""The caller of an HTTP request or WebSocket: admin (HTTP Basic), user (Bearer JWT or API key) or anonymous."""
+
+from __future__ import annotations
+
+from quart import request, websocket
+
+from ..app_state import current_runtime
+from ..auth.admin import check_admin
+from ..auth.principal import ANONYMOUS, AuthError, Kind, Principal, authenticate_bearer, bearer_token
+from .errors import raise_error
+
+__all__ = ["client_address", "request_principal", "websocket_principal"]
+
+
+def client_address(ws: bool = False) -> str:
+    source = websocket if ws else request
+    return source.remote_addr or "unknown"
+
+
+async def request_principal() -> Principal:
+    """Resolve the request's `Authorization` header; a presented but bad credential is a 401 (or 429)."""
+    runtime = current_runtime()
+    header = request.headers.get("Authorization")
+    if header is None:
+        return ANONYMOUS
+    if header.strip().lower().startswith("basic "):
+        check = await check_admin(runtime, header, client_address())
+        if not check.ok:
+            headers = {"WWW-Authenticate": 'Basic realm="Internal"'} if check.status == 401 else None
+            code = {401: "unauthorized", 429: "rate_limited"}.get(check.status, "admin_not_configured")
+            raise_error(check.status, code, check.message, headers)
+        return Principal(Kind.ADMIN)
+    try:
+        credential = bearer_token(header)
+        assert credential is not None
+        return await authenticate_bearer(runtime, credential)
+    except AuthError as exc:
+        raise_error(401, exc.code, exc.message)
+
+
+async def websocket_principal() -> Principal:
+    """A WebSocket's caller: `Authorization: Bearer ...` or the `token` query parameter (browsers
+    cannot set headers on WebSockets); none = anonymous. Raises `AuthError` for a bad credential."""
+    credential = bearer_token(websocket.headers.get("Authorization")) or websocket.args.get("token") or None
+    if credential is None:
+        return ANONYMOUS
+    return await authenticate_bearer(current_runtime(), credential)
