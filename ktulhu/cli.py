@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,12 @@ def _serve(args: argparse.Namespace) -> int:
         if failure is None:
             raise
         log.critical("ktulhu stopped: %s", failure)
-        return EXIT_FAILED
+        # A service thread abandoned mid-load (a model or router still being read) must not meet
+        # the interpreter's teardown: leave now, with the exit code that says what happened.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILED)
     log.info("stopped")
     return EXIT_OK
 

@@ -78,6 +78,9 @@ FRAME_KINDS = {
 }
 COMPOSED_TRAIN_DRAWS = 45
 COMPOSED_HELDOUT_DRAWS = 12
+#: draws per domain (per intent template) of the train-only material (`TRAIN_ONLY` in a seed file)
+EXTRA_TRAIN_DRAWS = 60
+EXTRA_TEMPLATE_DRAWS = 10
 _SLOT = re.compile(r"\{(\w+)\}")
 
 
@@ -152,6 +155,80 @@ def composed(language: str, seeds, rng: random.Random) -> dict[str, list[dict]]:
     return out
 
 
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w{}]+", " ", text.lower()).split())
+
+
+def train_only(language: str, seeds, held_texts: set[str], rng: random.Random) -> list[dict]:
+    """Training samples from the seed file's `TRAIN_ONLY` material (more phrasings, frames, content).
+
+    Drawn with their own random stream after everything else, so `heldout.jsonl` is the same with or
+    without them. Only combined with *training* frames and content: a held-out frame or content
+    phrase never meets training. A train-only phrase equal to a held-out one is an error, and a
+    generated text equal to a held-out text is dropped.
+    """
+    extra = getattr(seeds, "TRAIN_ONLY", None)
+    if not extra:
+        return []
+    held_phrases: set[str] = set()
+    for intent, templates in seeds.TEMPLATES.items():
+        held_phrases |= {_norm(t) for t in split_templates(templates)[1]}
+    families = {kind: (seeds.FRAMES[kind], seeds.CONTENT[slot]) for kind, (_, _, slot) in FRAME_KINDS.items()}
+    families["news"] = (seeds.SHARE_FRAMES, seeds.NEWS)
+    families["opinion"] = (seeds.OPINION_FRAMES, seeds.OPINIONS)
+    families["feel"] = (seeds.FEEL_FRAMES, {"personal": seeds.FEELINGS})
+    families["distress"] = (seeds.DISTRESS_FRAMES, {"personal": seeds.DISTRESS})
+    families["loss"] = (seeds.LOSS_FRAMES, {"personal": seeds.LOSSES})
+    for frames, contents in families.values():
+        held_phrases |= {_norm(f) for f in split_templates(frames)[1]}
+        for phrases in contents.values():
+            held_phrases |= {_norm(c) for c in split_templates(phrases, 4)[1]}
+    out: list[dict] = []
+    clashes: set[str] = set()
+
+    def add(row: dict, phrase_checks: tuple[str, ...]) -> None:
+        clashes.update(p for p in phrase_checks if _norm(p) in held_phrases)
+        if (language, row["text"]) not in held_texts:
+            out.append(row)
+
+    for intent, templates in extra.get("templates", {}).items():
+        for i, template in enumerate(templates):
+            seen: set[str] = set()
+            for _ in range(EXTRA_TEMPLATE_DRAWS):
+                text = vary(fill(template, seeds.SLOTS, rng), language, seeds.FILLERS, rng)
+                if text not in seen:
+                    seen.add(text)
+                    add(sample(language, intent, template, 1000 + i, "train", text), (template,))
+    labels_of = {kind: (lambda d, s=s, e=e: (s, d, e, "CONTENTFUL", "NO_SUPPORT"))
+                 for kind, (s, e, _) in FRAME_KINDS.items()}
+    labels_of["news"] = lambda d: ("SHARING", d, "NONE", "CONTENTFUL", "NO_SUPPORT")
+    labels_of["opinion"] = lambda d: ("EXPRESSING", d, "OTHER" if d == "legal" else "NONE", "CONTENTFUL", "NO_SUPPORT")
+    labels_of["feel"] = lambda d: ("EXPRESSING", "personal", "NONE", "CONTENTFUL", "NO_SUPPORT")
+    labels_of["loss"] = lambda d: ("SHARING", "personal", "NONE", "CONTENTFUL", "SUPPORT")
+    slots = ({kind: slot for kind, (_, _, slot) in FRAME_KINDS.items()}
+             | {"news": "n", "opinion": "o", "feel": "f", "distress": "d", "loss": "e"})
+    for kind, (frames, contents) in families.items():
+        frames_train = split_templates(frames)[0]
+        new_frames = extra.get("frames", {}).get(kind, [])
+        domains = sorted(set(contents) | set(extra.get("content", {}).get(kind, {})))
+        for domain in domains:
+            content_train = split_templates(contents.get(domain, []), 4)[0]
+            new_content = extra.get("content", {}).get(kind, {}).get(domain, [])
+            pool = ([(f, c) for f in new_frames for c in content_train + new_content]
+                    + [(f, c) for f in frames_train for c in new_content])
+            for frame, content in rng.sample(pool, min(EXTRA_TRAIN_DRAWS, len(pool))):
+                text = vary(frame.replace("{" + slots[kind] + "}", content), language, seeds.FILLERS, rng)
+                labels = (labels_of[kind](domain) if kind != "distress" else
+                          (("ASKING", "personal", "ADVICE") if frame.endswith("?") else ("EXPRESSING", "personal", "NONE"))
+                          + ("CONTENTFUL", "SUPPORT"))
+                row = {"text": text, "language": language, **dict(zip(HEAD_NAMES, labels)),
+                       "intent": f"{kind}:{domain}", "template": f"{language}/{kind}/{frame}", "split": "train"}
+                add(row, tuple(p for p in (frame, content) if p in new_frames or p in new_content))
+    if clashes:
+        raise ValueError(f"{language}: train-only phrases that are held-out phrases: {sorted(clashes)}")
+    return out
+
+
 def fill(template: str, slots: dict[str, list[str]], rng: random.Random) -> str:
     return _SLOT.sub(lambda m: rng.choice(slots[m.group(1)]), template)
 
@@ -208,6 +285,10 @@ def build() -> dict[str, list[dict]]:
                 out["heldout"].append(sample(language, "greet", template, -1, "heldout", text))
     train_texts = {(s["language"], s["text"]) for s in out["train"]}
     out["heldout"] = [s for s in out["heldout"] if (s["language"], s["text"]) not in train_texts]
+    held_texts = {(s["language"], s["text"]) for s in out["heldout"]}
+    extra_rng = random.Random(SEED + 1)
+    for language in LANGUAGES:
+        out["train"] += train_only(language, load_seeds(language), held_texts, extra_rng)
     return out
 
 

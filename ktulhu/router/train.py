@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
-    token_dropout: float = 0.15
+    token_dropout: float = 0.25
     dropout: float = 0.2
     word_dropout: float = 0.0
     ngram_buckets: int = 0
