@@ -12,9 +12,8 @@ from .errors import raise_error
 __all__ = ["client_address", "request_principal", "websocket_principal"]
 
 
-def client_address(ws: bool = False) -> str:
-    source = websocket if ws else request
-    return source.remote_addr or "unknown"
+def client_address() -> str:
+    return request.remote_addr or "unknown"
 
 
 async def request_principal() -> Principal:
