@@ -16,6 +16,7 @@ import importlib.util
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +70,7 @@ INTENTS: dict[str, tuple[str, str, str, str, str]] = {
     "support_ask": ("ASKING", "personal", "ADVICE", "CONTENTFUL", "SUPPORT"),
     "support_share": ("SHARING", "personal", "NONE", "CONTENTFUL", "SUPPORT"),
 }
+DOMAINS = ("technical", "general", "personal", "professional", "social", "legal", "other")
 HEAD_NAMES = ("speech_act", "domain", "expectation", "phatic", "support")
 #: compositional frames: kind -> (speech_act, expectation, content slot)
 FRAME_KINDS = {
@@ -76,6 +78,9 @@ FRAME_KINDS = {
     "dir_info": ("DIRECTING", "INFO", "x"), "dir_advice": ("DIRECTING", "ADVICE", "v"),
     "dir_action": ("DIRECTING", "ACTION", "art"),
 }
+#: every frame family (the six above and five more) -> its content slot
+FAMILY_SLOTS = {kind: slot for kind, (_, _, slot) in FRAME_KINDS.items()} | {
+    "news": "n", "opinion": "o", "feel": "f", "distress": "d", "loss": "e"}
 COMPOSED_TRAIN_DRAWS = 45
 COMPOSED_HELDOUT_DRAWS = 12
 #: draws per domain (per intent template) of the train-only material (`TRAIN_ONLY` in a seed file)
@@ -84,10 +89,15 @@ EXTRA_TEMPLATE_DRAWS = 10
 _SLOT = re.compile(r"\{(\w+)\}")
 
 
-def load_seeds(language: str):
-    spec = importlib.util.spec_from_file_location(f"seeds_{language}", HERE / "seeds" / f"{language}.py")
+def _module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_seeds(language: str):
+    module = _module(f"seeds_{language}", HERE / "seeds" / f"{language}.py")
     # extra content goes in front, so the held-out tail of each list stays the same phrases
     for domain, phrases in getattr(module, "EXTRA_X", {}).items():
         module.CONTENT["x"][domain] = phrases + module.CONTENT["x"][domain]
@@ -95,7 +105,42 @@ def load_seeds(language: str):
         module.NEWS[domain] = phrases + module.NEWS[domain]
     for domain, phrases in getattr(module, "EXTRA_OPINIONS", {}).items():
         module.OPINIONS[domain] = phrases + module.OPINIONS[domain]
+    for path in sorted((HERE / "seeds" / "more").glob(f"{language}_*.py")):
+        _merge_more(module, _module(f"seeds_{path.stem}", path), path.name)
     return module
+
+
+def _merge_more(seeds, more, name: str) -> None:
+    """Add a `seeds/more/<lang>_*.py` file's TEMPLATES, FRAMES and CONTENT to the seed's TRAIN_ONLY."""
+    extra = seeds.__dict__.setdefault("TRAIN_ONLY", {})
+    templates, frames = extra.setdefault("templates", {}), extra.setdefault("frames", {})
+    content = extra.setdefault("content", {})
+    kinds = set(FAMILY_SLOTS)
+    for intent, phrases in getattr(more, "TEMPLATES", {}).items():
+        if intent not in INTENTS:
+            raise ValueError(f"{name}: unknown intent {intent!r}")
+        unknown = {slot for p in phrases for slot in _SLOT.findall(p)} - set(seeds.SLOTS)
+        if unknown:
+            raise ValueError(f"{name}: {intent} uses unknown slots {sorted(unknown)}")
+        templates[intent] = templates.get(intent, []) + list(phrases)
+    for kind, phrases in getattr(more, "FRAMES", {}).items():
+        if kind not in kinds:
+            raise ValueError(f"{name}: unknown frame family {kind!r}")
+        bad = [p for p in phrases if _SLOT.findall(p) != [FAMILY_SLOTS[kind]]]
+        if bad:
+            raise ValueError(f"{name}: {kind} frames need exactly one {{{FAMILY_SLOTS[kind]}}}: {bad}")
+        frames[kind] = frames.get(kind, []) + list(phrases)
+    for kind, domains in getattr(more, "CONTENT", {}).items():
+        if kind not in kinds:
+            raise ValueError(f"{name}: unknown frame family {kind!r}")
+        for domain, phrases in domains.items():
+            if domain not in DOMAINS:
+                raise ValueError(f"{name}: unknown domain {domain!r} in {kind}")
+            if any("{" in p or "}" in p for p in phrases):
+                raise ValueError(f"{name}: content phrases of {kind}/{domain} cannot hold slots")
+            # a new list: content of one family may alias another's in the seed file
+            content.setdefault(kind, {})
+            content[kind] = {**content[kind], domain: content[kind].get(domain, []) + list(phrases)}
 
 
 def split_templates(templates: list[str], part: int = 3) -> tuple[list[str], list[str]]:
@@ -205,8 +250,6 @@ def train_only(language: str, seeds, held_texts: set[str], rng: random.Random) -
     labels_of["opinion"] = lambda d: ("EXPRESSING", d, "OTHER" if d == "legal" else "NONE", "CONTENTFUL", "NO_SUPPORT")
     labels_of["feel"] = lambda d: ("EXPRESSING", "personal", "NONE", "CONTENTFUL", "NO_SUPPORT")
     labels_of["loss"] = lambda d: ("SHARING", "personal", "NONE", "CONTENTFUL", "SUPPORT")
-    slots = ({kind: slot for kind, (_, _, slot) in FRAME_KINDS.items()}
-             | {"news": "n", "opinion": "o", "feel": "f", "distress": "d", "loss": "e"})
     for kind, (frames, contents) in families.items():
         frames_train = split_templates(frames)[0]
         new_frames = extra.get("frames", {}).get(kind, [])
@@ -217,7 +260,7 @@ def train_only(language: str, seeds, held_texts: set[str], rng: random.Random) -
             pool = ([(f, c) for f in new_frames for c in content_train + new_content]
                     + [(f, c) for f in frames_train for c in new_content])
             for frame, content in rng.sample(pool, min(EXTRA_TRAIN_DRAWS, len(pool))):
-                text = vary(frame.replace("{" + slots[kind] + "}", content), language, seeds.FILLERS, rng)
+                text = vary(frame.replace("{" + FAMILY_SLOTS[kind] + "}", content), language, seeds.FILLERS, rng)
                 labels = (labels_of[kind](domain) if kind != "distress" else
                           (("ASKING", "personal", "ADVICE") if frame.endswith("?") else ("EXPRESSING", "personal", "NONE"))
                           + ("CONTENTFUL", "SUPPORT"))
@@ -294,6 +337,11 @@ def build() -> dict[str, list[dict]]:
 
 def main() -> None:
     data = build()
+    if sys.argv[1:] == ["--check"]:
+        for language in LANGUAGES:
+            n = sum(1 for row in data["train"] if row["language"] == language)
+            print(f"{language}: {n} training samples; seeds valid")
+        return
     for split, rows in data.items():
         with open(HERE / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
