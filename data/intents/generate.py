@@ -1,6 +1,7 @@
 """Build `train.jsonl` and `heldout.jsonl` from the hand-written seeds in `seeds/`.
 
     python data/intents/generate.py        # rewrites both files; deterministic (fixed seed)
+    python data/intents/generate.py --check  # validates every seed file, writes nothing
 
 Each intent below has gold labels for the five heads. For every language and intent the seed file
 lists phrasings; the first two thirds are training templates, the rest are *held out*: the held-out
@@ -115,7 +116,6 @@ def _merge_more(seeds, more, name: str) -> None:
     extra = seeds.__dict__.setdefault("TRAIN_ONLY", {})
     templates, frames = extra.setdefault("templates", {}), extra.setdefault("frames", {})
     content = extra.setdefault("content", {})
-    kinds = set(FAMILY_SLOTS)
     for intent, phrases in getattr(more, "TEMPLATES", {}).items():
         if intent not in INTENTS:
             raise ValueError(f"{name}: unknown intent {intent!r}")
@@ -124,14 +124,14 @@ def _merge_more(seeds, more, name: str) -> None:
             raise ValueError(f"{name}: {intent} uses unknown slots {sorted(unknown)}")
         templates[intent] = templates.get(intent, []) + list(phrases)
     for kind, phrases in getattr(more, "FRAMES", {}).items():
-        if kind not in kinds:
+        if kind not in FAMILY_SLOTS:
             raise ValueError(f"{name}: unknown frame family {kind!r}")
         bad = [p for p in phrases if _SLOT.findall(p) != [FAMILY_SLOTS[kind]]]
         if bad:
             raise ValueError(f"{name}: {kind} frames need exactly one {{{FAMILY_SLOTS[kind]}}}: {bad}")
         frames[kind] = frames.get(kind, []) + list(phrases)
     for kind, domains in getattr(more, "CONTENT", {}).items():
-        if kind not in kinds:
+        if kind not in FAMILY_SLOTS:
             raise ValueError(f"{name}: unknown frame family {kind!r}")
         for domain, phrases in domains.items():
             if domain not in DOMAINS:
@@ -139,8 +139,8 @@ def _merge_more(seeds, more, name: str) -> None:
             if any("{" in p or "}" in p for p in phrases):
                 raise ValueError(f"{name}: content phrases of {kind}/{domain} cannot hold slots")
             # a new list: content of one family may alias another's in the seed file
-            content.setdefault(kind, {})
-            content[kind] = {**content[kind], domain: content[kind].get(domain, []) + list(phrases)}
+            old = content.get(kind, {})
+            content[kind] = {**old, domain: old.get(domain, []) + list(phrases)}
 
 
 def split_templates(templates: list[str], part: int = 3) -> tuple[list[str], list[str]]:
