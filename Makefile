@@ -47,7 +47,7 @@ bench-router: setup
 bench-ws: setup model
 	$(BIN)/python -m bench.ws_load
 
-# Rebuilds models/intent_router/ from data/intents/ (CPU, deterministic, about 2-3 minutes).
+# Rebuilds models/intent_router/ from data/intents/ (CPU, deterministic, about 20 minutes on two cores).
 router-model: setup
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[train]'
 	$(BIN)/ktulhu router train
