@@ -13,11 +13,11 @@ those of the first utterance, the only one the router classifies.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -336,8 +336,11 @@ def build() -> dict[str, list[dict]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Build train.jsonl and heldout.jsonl from seeds/.")
+    parser.add_argument("--check", action="store_true", help="validate every seed file, write nothing")
+    args = parser.parse_args()
     data = build()
-    if sys.argv[1:] == ["--check"]:
+    if args.check:
         for language in LANGUAGES:
             n = sum(1 for row in data["train"] if row["language"] == language)
             print(f"{language}: {n} training samples; seeds valid")
