@@ -4,16 +4,23 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ktulhu-installed
 
-.PHONY: setup model serve test browser bench-store bench-engine bench-router bench-ws router-model router-eval clean
+GPU ?=
 
-# The virtual environment, rebuilt when pyproject.toml changes. llama-cpp-python compiles from
-# source once; pip's wheel cache serves later installs of the same pinned version.
-$(STAMP): pyproject.toml
+.PHONY: setup model serve test system-packages doctor bench-store bench-engine bench-router bench-ws router-model router-eval clean
+
+# The virtual environment, rebuilt when pyproject.toml changes. llama-cpp-python is compiled for this
+# CPU (native, AMX kernels off) once per machine and kept in ~/.cache/ktulhu/wheels/ under a key of the
+# CPU's instruction sets and the build flags, so a wheel is never reused on a CPU it was not built for
+# (docs/configuration.md). GPU=cuda builds the CUDA variant; later set-ups keep the variant installed.
+$(STAMP): pyproject.toml ktulhu/native_build.py
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m ktulhu.native_build install $(if $(GPU),--gpu $(GPU))
 	$(BIN)/pip install --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# Also re-checks that the installed build fits this CPU (instant when it does; a copied .venv rebuilds).
 setup: $(STAMP)
+	$(BIN)/python -m ktulhu.native_build install $(if $(GPU),--gpu $(GPU))
 
 # Verifies the default model (fast) and fetches it only when missing or corrupt.
 model: $(STAMP)
@@ -22,14 +29,23 @@ model: $(STAMP)
 serve: setup model
 	$(BIN)/ktulhu serve
 
-# Headless Chromium for the browser tests (Debian's package; no browser download by playwright).
-browser:
-	@if [ ! -x /usr/bin/chromium ]; then \
+# Can this machine serve this configuration? One line per check, with the fix.
+doctor: setup model
+	$(BIN)/ktulhu doctor
+
+# Debian packages the tests drive for real: Chromium (browser tests; no browser download by
+# playwright), nginx (the reverse-proxy recipe), systemd-analyze (the unit file).
+SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/sbin/nginx:nginx /usr/bin/systemd-analyze:systemd
+system-packages:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+		[ -x "$${entry%%:*}" ] || missing="$$missing $${entry#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update && $$SUDO apt-get install -y chromium; \
+		$$SUDO apt-get update && $$SUDO apt-get install -y $$missing; \
 	fi
 
-test: setup model browser
+test: setup model system-packages
 	$(BIN)/python -m pytest
 
 bench-store: setup

@@ -1,4 +1,4 @@
-"""The `ktulhu` command: `serve`, `models pull`, `router ...`, `admin ...`, `agent`, `config`."""
+"""The `ktulhu` command: `serve`, `models pull`, `router ...`, `admin ...`, `agent`, `doctor`, `config`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     admin_cli.add_parser(commands)
     agent_cli.add_parser(commands)
 
+    doctor = commands.add_parser("doctor", help="check that this machine can serve this configuration")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+
     config = commands.add_parser("config", help="show the effective settings and where each comes from")
     config.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -63,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return admin_cli.run(args)
         if args.command == "agent":
             return agent_cli.run(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _config(args)
     except SettingsError as error:
         print(f"ktulhu: {error}", file=sys.stderr)
@@ -104,6 +109,19 @@ def _models_pull(args: argparse.Namespace) -> int:
         print(f"ktulhu models pull: {error}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """Every check on one line each; exit 1 when any fails (a server would not start or would crash)."""
+    from .doctor import FAIL, diagnose
+
+    settings = load_settings()
+    report = trio.run(diagnose, settings)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return EXIT_FAILED if report.status == FAIL else EXIT_OK
 
 
 def _config(args: argparse.Namespace) -> int:

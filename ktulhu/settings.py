@@ -346,6 +346,10 @@ class Settings:
     threads: int | None = setting(
         "LLAMA_CLI_THREADS", None, _int(1, 1024), "Decode threads; unset = physical cores.", group="engine",
     )
+    preflight_timeout: float = setting(
+        "KTULHU_PREFLIGHT_TIMEOUT", 300.0, _float(1.0, 3600.0),
+        "Seconds the start-up check of the model and router (a child process) may take.", group="engine",
+    )
     chat_template_path: str = setting(
         "CHAT_TEMPLATE_PATH", "chat_template.jinja", _text,
         "Jinja chat template; `gguf` = the template embedded in the model.", group="engine",

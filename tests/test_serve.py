@@ -124,8 +124,9 @@ def test_model_that_fails_to_load_stops_the_server(server_dir: Path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, out
     lines = [line for line in out.splitlines() if "ktulhu stopped" in line]
-    assert len(lines) == 1 and "model service failed: ModelLoadError" in lines[0]
-    assert "Traceback" not in out
+    # the start-up check found it in a child process: /readyz never turned green
+    assert len(lines) == 1 and "model service failed: PreflightFailed" in lines[0]
+    assert "LLAMA_CLI_MODEL" in lines[0] and "Traceback" not in out
 
 
 def test_hypercorn_trio_worker_runs_the_same_tree(server_dir: Path, free_port: int) -> None:
@@ -157,6 +158,19 @@ def test_hypercorn_stops_when_a_service_crashes(server_dir: Path, free_port: int
     if workers:
         assert proc.returncode == 3, out
     lines = [line for line in out.splitlines() if "ktulhu stopped" in line]
-    assert len(lines) == 1 and "model service failed: ModelLoadError" in lines[0]
+    assert len(lines) == 1 and "model service failed: PreflightFailed" in lines[0]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{free_port}/healthz", timeout=2)
+
+
+def test_hypercorn_with_several_workers_refuses_with_one_line(server_dir: Path, free_port: int) -> None:
+    """The embedded store admits one process: the second worker says so and the master stops them all."""
+    proc = spawn([str(BIN / "hypercorn"), "--worker-class", "trio", "--workers", "2", "--bind",
+                  f"127.0.0.1:{free_port}", "ktulhu.asgi:app"], server_dir)
+    out, _ = proc.communicate(timeout=120)
+    lines = [line for line in out.splitlines() if "ktulhu stopped" in line]
+    assert len(lines) == 1, out
+    assert "StoreLockedError" in lines[0] and "run one worker (`hypercorn --workers 1` or `ktulhu serve`)" in lines[0]
+    assert "Traceback" not in out
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{free_port}/healthz", timeout=2)

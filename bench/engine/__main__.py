@@ -44,7 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--cancels", type=int, default=40)
     parser.add_argument("--no-llama-server", action="store_true", help="skip the llama-server comparison")
-    parser.add_argument("--build-dir", type=Path, default=REPO / "bench" / ".build" / "llama-server")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs",
+                        help="where benchmarks.md and its plot are written")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine.json")
     return parser.parse_args()
 
@@ -98,7 +99,8 @@ async def sweep(model: Model, args: argparse.Namespace, levels: list[int], serve
         server = None
         if server_binary is not None:
             server = llama_server.LlamaServer(server_binary, Path(model.info.path), slots=level,
-                                              n_ctx_seq=args.ctx, threads=args.threads, port=_free_port())
+                                              n_ctx_seq=args.ctx, threads=args.threads, port=_free_port(),
+                                              gpu_layers=999 if model.info.n_gpu_layers < 0 else model.info.n_gpu_layers)
         pool = await trio.to_thread.run_sync(functools.partial(
             baseline.BaselinePool, model, contexts=level, n_ctx=args.ctx, threads=args.threads))
         runs: dict[str, list[tuple[list[Record], float]]] = {"ours": [], "llama_server": [], "baseline": []}
@@ -232,7 +234,7 @@ async def main(args: argparse.Namespace) -> dict:
     if not args.no_llama_server:
         try:
             print("building llama-server from the pinned llama-cpp-python sources (once)...", flush=True)
-            server_binary = await trio.to_thread.run_sync(llama_server.ensure_built, args.build_dir)
+            server_binary = await trio.to_thread.run_sync(llama_server.ensure_built)
             server_note = f"built from the llama.cpp sources of {llama_server.LLAMA_CPP_PYTHON}"
         except Exception as error:  # report and continue with the other systems
             server_note = f"unavailable: {error}"
@@ -261,5 +263,6 @@ if __name__ == "__main__":
     outcome = trio.run(main, arguments)
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
     arguments.out.write_text(json.dumps(outcome, indent=2) + "\n")
-    report.write(outcome, REPO / "docs")
-    print(f"wrote {arguments.out} and docs/benchmarks.md")
+    arguments.docs.mkdir(parents=True, exist_ok=True)
+    report.write(outcome, arguments.docs)
+    print(f"wrote {arguments.out} and {arguments.docs / 'benchmarks.md'}")

@@ -4,56 +4,36 @@ sdist (so both sides run the same llama.cpp), started on loopback and driven ove
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import trio
 
+from ktulhu import native_build
+
 from .workload import Record, TokenClock
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+LLAMA_CPP_PYTHON = native_build.LLAMA_CPP_PYTHON
 
 
-def ensure_built(build_root: Path) -> Path:
-    """Path of a built `llama-server` (built once; later runs reuse it)."""
-    binary = build_root / "build" / "bin" / "llama-server"
-    if binary.is_file():
-        return binary
-    build_root.mkdir(parents=True, exist_ok=True)
-    source = build_root / "llama.cpp"
-    if not source.is_dir():
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            "--dest", tmp, LLAMA_CPP_PYTHON], check=True, stdout=subprocess.DEVNULL)
-            sdist = next(Path(tmp).glob("*.tar.gz"))
-            with tarfile.open(sdist) as archive:
-                archive.extractall(tmp, filter="data")
-            vendored = next(Path(tmp).glob("*/vendor/llama.cpp"))
-            shutil.copytree(vendored, source)
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build_root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_CURL=OFF"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build_root / "build"), "--target", "llama-server",
-                    f"-j{os.cpu_count() or 2}"], check=True, stdout=subprocess.DEVNULL)
-    return binary
+def ensure_built() -> Path:
+    """Path of a built `llama-server`: same sources, flags and GPU variant as this environment's
+    llama-cpp-python (built once per machine into the build cache)."""
+    return native_build.llama_server((native_build.read_marker() or {}).get("gpu", "cpu"))
 
 
 class LlamaServer:
     """One llama-server process with `slots` parallel slots (continuous batching on)."""
 
-    def __init__(self, binary: Path, model: Path, *, slots: int, n_ctx_seq: int, threads: int, port: int) -> None:
+    def __init__(self, binary: Path, model: Path, *, slots: int, n_ctx_seq: int, threads: int, port: int,
+                 gpu_layers: int = 0) -> None:
         self.base = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
              "-c", str(slots * n_ctx_seq), "-t", str(threads), "-tb", str(threads), "-b", "512", "-ub", "512",
-             "--no-webui", "-ngl", "0"],
+             "--no-webui", "-ngl", str(gpu_layers)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 

@@ -20,6 +20,7 @@ from ..engine.model import Model
 from ..engine.prompt import ChatMessage
 from ..engine.request import EngineError
 from ..engine.sampling import SamplingParams
+from ..preflight import check_model
 from ..settings import Settings
 
 __all__ = ["Backend", "Completion", "ModelError", "local_backend", "server_backend"]
@@ -70,7 +71,8 @@ class LocalBackend:
 
 @asynccontextmanager
 async def local_backend(settings: Settings) -> AsyncIterator[LocalBackend]:
-    """Load the model and run an engine in a nursery for the life of the block."""
+    """Prove the model on this machine, load it and run an engine in a nursery for the life of the block."""
+    await check_model(settings)
     model = await trio.to_thread.run_sync(Model.load, settings, abandon_on_cancel=True)
     try:
         engine = Engine(model, settings)

@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from ..engine.model import ModelLoadError
+from ..preflight import PreflightFailed
 from ..engine.prompt import PromptError
 from ..engine.request import EngineError
 from ..logs import configure_logging
@@ -153,7 +154,7 @@ async def _main(args: argparse.Namespace, settings: Any, config: AgentConfig, to
         async with local_backend(settings) as backend:
             console.say(f"model: {backend.description}\n")
             return await run_agent(config, backend, tools, console)
-    except (ModelLoadError, EngineError, PromptError, OSError) as error:
+    except (PreflightFailed, ModelLoadError, EngineError, PromptError, OSError) as error:
         console.say(f"cannot start the model: {error}")
         return Outcome(EXIT_FAILED, f"model not available: {error}", 0)
 

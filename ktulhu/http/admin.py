@@ -180,6 +180,13 @@ async def engine() -> Response:
     return json_response(engine_panel(current_runtime()))
 
 
+@blueprint.get("/internal/admin/doctor")
+@require_admin
+async def doctor() -> Response:
+    """`ktulhu doctor --json` as this server sees itself (store lock and port are its own)."""
+    return json_response((await current_runtime().doctor.report()).to_json())
+
+
 @blueprint.get("/internal/admin/last")
 @require_admin
 async def last_messages() -> Response:

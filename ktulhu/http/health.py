@@ -1,4 +1,4 @@
-"""`/healthz` (the process answers) and `/readyz` (store, model and router are usable)."""
+"""`/healthz` (the process answers) and `/readyz` (store, model and router are usable, doctor statuses)."""
 
 from __future__ import annotations
 
@@ -18,5 +18,11 @@ async def healthz() -> tuple[dict, int]:
 
 @blueprint.get("/readyz")
 async def readyz() -> tuple[dict, int]:
-    readiness = current_runtime().readiness
-    return readiness.snapshot(), 200 if readiness.ready else 503
+    """503 until every component is usable; then also the status of each `ktulhu doctor` check
+    (the details and fixes are on the admin overview, not public)."""
+    runtime = current_runtime()
+    readiness = runtime.readiness
+    if not readiness.ready:
+        return readiness.snapshot(), 503
+    report = await runtime.doctor.report()
+    return {**readiness.snapshot(), "doctor": report.statuses()}, 200

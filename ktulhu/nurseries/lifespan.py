@@ -1,13 +1,16 @@
 """Running the service tree from the ASGI lifespan (`hypercorn --worker-class trio ktulhu.asgi:app`).
 
 hypercorn owns the process and its signals there; the tree lives in quart-trio's lifespan nursery.
-hypercorn only logs a lifespan task that fails after start-up and keeps serving, so a service crash
-is handled here: one log line, then the worker exits non-zero and hypercorn stops.
+hypercorn only logs a lifespan task that fails after start-up and keeps serving, and prints a
+traceback for one that fails during start-up, so a service failure is handled here: one log line,
+then the worker exits non-zero and hypercorn's master stops every worker. A second worker on the
+same embedded store (`--workers 2`) is refused that way, with a line that says to run one.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 
 import attrs
@@ -17,9 +20,10 @@ from quart_trio import QuartTrio
 from ..app_state import RUNTIME_KEY
 from ..logs import configure_logging
 from ..settings import load_settings
+from ..store.errors import StoreLockedError
 from ..startup import prepare
 from . import tree
-from .runtime import Runtime
+from .runtime import Runtime, ServiceFailed
 
 __all__ = ["EXIT_SERVICE_FAILED", "attach"]
 
@@ -32,6 +36,14 @@ class _TreeHandle:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     started: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
+
+
+def _workers_hint(failure: ServiceFailed) -> str:
+    """`hypercorn --workers N` starts N processes; the embedded store admits one."""
+    if isinstance(failure.error, StoreLockedError) and multiprocessing.parent_process() is not None:
+        return ("; hypercorn --workers N starts N processes and the embedded store admits one: run one worker "
+                "(`hypercorn --workers 1` or `ktulhu serve`)")
+    return ""
 
 
 def attach(app: QuartTrio) -> None:
@@ -65,8 +77,8 @@ async def _supervise(runtime: Runtime, handle: _TreeHandle, *, task_status: trio
                 task_status.started()
     except BaseException as error:
         failure = tree.find_failure(error)
-        if failure is not None and handle.started:
-            log.critical("ktulhu stopped: %s", failure)
+        if failure is not None:
+            log.critical("ktulhu stopped: %s%s", failure, _workers_hint(failure))
             logging.shutdown()
             os._exit(EXIT_SERVICE_FAILED)
         raise

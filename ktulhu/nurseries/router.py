@@ -1,5 +1,6 @@
 """Router service: loads the intent router off the trio thread and runs its micro-batcher.
 
+Before loading, a child process proves the onnxruntime session runs on this machine (`ktulhu.preflight`).
 Readiness reports the router's directory, device and heads. Without a built router (a fresh clone
 before `ktulhu router train`) the service reports `degraded` and `runtime.router` is a router
 without a model: every message then gets the default route, which is also what a timeout yields.
@@ -13,6 +14,8 @@ from typing import Any
 
 import trio
 
+from ..preflight import check_router
+from ..router.model import REQUIRED_FILES
 from ..router.service import Router
 from .runtime import Runtime
 
@@ -28,6 +31,8 @@ async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]])
         router = Router.unavailable(reason)
         detail: dict[str, Any] = {"status": "degraded", "reason": reason, "route": "default"}
     else:
+        if all((directory / name).is_file() for name in REQUIRED_FILES):  # else loading says what is missing
+            await check_router(settings)
         router = await trio.to_thread.run_sync(Router.from_settings, settings, abandon_on_cancel=True)
         assert router.model is not None
         detail = {"dir": str(directory), "device": router.model.device,

@@ -9,6 +9,7 @@ import trio
 
 from ..chat.hub import SummaryHub
 from ..chat.turns import TurnQueue
+from ..doctor import LiveDoctor
 from ..settings import Settings
 from .readiness import Readiness
 
@@ -48,6 +49,11 @@ class Runtime:
     summary_hub: SummaryHub = attrs.field(factory=SummaryHub)
     #: One reply per chat at a time (`/ws` prompts queue behind a chat's running reply).
     turns: TurnQueue = attrs.field(factory=TurnQueue)
+    #: `ktulhu doctor`'s report as this server sees itself (`/readyz`, admin overview).
+    doctor: LiveDoctor = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.doctor = LiveDoctor(self.settings)
 
     def request_shutdown(self) -> None:
         """Stop accepting work: `/readyz` turns 503 and long-lived handlers wrap up."""

@@ -192,6 +192,20 @@
     setText("ws-sessions", data.ws_sessions);
   }
 
+  async function loadDoctor() {
+    const data = await api("GET", "/internal/admin/doctor");
+    const body = document.querySelector("#doctor tbody");
+    clear(body);
+    for (const check of data.checks || []) {
+      body.append(el("tr", { className: "doctor-" + check.status }, [
+        el("td", { text: check.name }),
+        el("td", { text: check.status }),
+        el("td", { text: check.summary }),
+        el("td", { text: check.fix || "" }),
+      ]));
+    }
+  }
+
   // --- devices -------------------------------------------------------------------------------
 
   async function showDevice(device) {
@@ -296,7 +310,7 @@
   // --- wiring --------------------------------------------------------------------------------
 
   const loaders = {
-    overview: async () => { await Promise.all([loadOverview(), loadEngine()]); },
+    overview: async () => { await Promise.all([loadOverview(), loadEngine(), loadDoctor()]); },
     devices: loadDevices,
     messages: loadMessages,
     users: () => loadUsers(false),
