@@ -3,31 +3,47 @@
 from __future__ import annotations
 
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from .app_state import RUNTIME_KEY
-from .http import admin, auth, chats, cors, external, health, openai, pages, payments, summaries, ws
+from .http import admin, auth, chats, cors, external, health, openai, pages, payments, proxies, summaries, ws
 from .http import metrics as metrics_route
-from .http.errors import ApiError
+from .http.errors import ApiError, framework_error
 from .nurseries.runtime import Runtime
 
-__all__ = ["create_app"]
+__all__ = ["MAX_REQUEST_BYTES", "attach_runtime", "create_app"]
+
+#: No route accepts a larger body (the OpenAI-compatible chat completions take up to 4 MiB).
+MAX_REQUEST_BYTES = 4 << 20
 
 BLUEPRINTS = (health, ws, chats, summaries, auth, external, openai, admin, payments, pages, metrics_route)
+
+
+def attach_runtime(app: QuartTrio, runtime: Runtime) -> None:
+    """Give the app its runtime and the settings Quart itself reads."""
+    app.extensions[RUNTIME_KEY] = runtime
+    app.config["BODY_TIMEOUT"] = runtime.settings.body_timeout
 
 
 def create_app(runtime: Runtime | None = None) -> QuartTrio:
     """Build the app. With `runtime`, the caller runs the tree; without, `ktulhu.asgi` attaches it."""
     app = QuartTrio("ktulhu")
-    # Quart cuts every response and request body after 60 s by default, which would end streams
-    # (SSE replies, long uploads) mid-way. Streams end when their generation does.
+    # Quart cuts every response after 60 s by default, which would end streams (SSE replies)
+    # mid-way: streams end when their generation does. Request bodies (at most a few MB) get
+    # KTULHU_BODY_TIMEOUT, so a client that trickles a body cannot hold a connection forever.
     app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = None
     app.config["JSON_SORT_KEYS"] = False
     if runtime is not None:
-        app.extensions[RUNTIME_KEY] = runtime
+        attach_runtime(app, runtime)
+    # The largest body any route accepts (/v1); Quart stops reading past it, whatever the framing.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.register_error_handler(ApiError, lambda error: error.get_response())
+    # Framework errors (unknown path, wrong method, body too large) answer JSON like every other error.
+    app.register_error_handler(HTTPException, framework_error)
     for module in BLUEPRINTS:
         app.register_blueprint(module.blueprint)
     cors.install(app)
     metrics_route.install(app)
+    # Outermost: every surface (rate limits, logs) sees the client behind a trusted reverse proxy.
+    proxies.install(app)
     return app

@@ -128,7 +128,7 @@ def store_check(settings: Settings, *, live: bool) -> Check:
     probe = path if path.exists() else path.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         return Check("store", FAIL, f"{path} is not writable by this user",
-                     f"create it and give this user write access, or set KTULHU_DB_PATH")
+                     "create it and give this user write access, or set KTULHU_DB_PATH")
     if live or not (path / "LOCK").is_file():
         return Check("store", OK, f"{path} writable" + ("" if path.exists() else " (created at first start)"))
     with (path / "LOCK").open("a") as lock:

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from .nurseries.runtime import Runtime
 
 __all__ = [
-    "GENERATED_TOKENS", "GENERATIONS", "HTTP_LATENCY", "HTTP_REQUESTS", "INTER_TOKEN", "ROUTER_LATENCY",
-    "TTFT", "WS_PROMPTS", "WS_SESSIONS", "RuntimeCollector", "engine_panel", "install_collector",
+    "EVENT_LOOP_LAG", "GENERATED_TOKENS", "GENERATIONS", "HTTP_LATENCY", "HTTP_REQUESTS", "INTER_TOKEN",
+    "ROUTER_LATENCY", "TTFT", "WS_PROMPTS", "WS_SESSIONS", "RuntimeCollector", "engine_panel", "install_collector",
     "observe_finished", "token_rate",
 ]
 
@@ -54,6 +54,11 @@ GENERATIONS = Counter("ktulhu_engine_generations_total", "Finished generations, 
 ROUTER_LATENCY = Histogram(
     "ktulhu_router_latency_seconds", "Time of one intent classification (including queueing).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15),
+)
+EVENT_LOOP_LAG = Histogram(
+    "ktulhu_event_loop_lag_seconds",
+    "How late the loop-lag probe woke from a fixed sleep: time the trio thread spent on something else.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
 #: Window of the tokens/s gauge.

@@ -10,6 +10,7 @@ what to do about it, so a misconfigured server never starts half-way.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -149,6 +150,29 @@ def _router_device(raw: str) -> str:
     return value
 
 
+def _networks(raw: str) -> str:
+    """Comma-separated addresses or CIDR networks, normalised (`10.0.0.0/8,::1/128`); empty = none."""
+    networks = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        if "%" in entry or not entry.isascii():
+            raise _Invalid(f"{entry[:60]!r} is not an IP address or CIDR network",
+                           "list addresses or networks without zone ids, e.g. 127.0.0.1,10.0.0.0/8,fd00::/8")
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=True))
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise _Invalid(f"{entry[:60]!r} is not an IP address or CIDR network",
+                               "set comma-separated addresses or networks of your reverse proxies, "
+                               "e.g. 127.0.0.1,10.0.0.0/8,fd00::/8") from None
+            raise _Invalid(f"{entry[:60]!r} has bits set after the /{loose.prefixlen} prefix",
+                           f"write the network as {loose} (or the proxy's single address)") from None
+    return ",".join(str(n) for n in networks)
+
+
 _LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
@@ -209,6 +233,20 @@ class Settings:
         "KTULHU_GRACEFUL_TIMEOUT", 3.0, _float(0.0, 4.0),
         "Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cancelled.",
     )
+    body_timeout: float = setting(
+        "KTULHU_BODY_TIMEOUT", 30.0, _float(1.0, 3600.0),
+        "Seconds a client may take to send a request body (then 408): slow-body connections end.",
+    )
+    metrics_token: str = setting(
+        "KTULHU_METRICS_TOKEN", "", _text,
+        "Bearer token a remote Prometheus presents for /metrics (loopback clients and the admin need none).",
+        secret=True,
+    )
+    trusted_proxies: str = setting(
+        "KTULHU_TRUSTED_PROXIES", "", _networks,
+        "Reverse proxies (comma-separated addresses or CIDRs) whose X-Forwarded-For/-Proto are believed; "
+        "empty = none.",
+    )
     # auth
     jwt_secret: str = setting(
         "JWT_SECRET", "", _text, "HS256 key of app JWTs (>= 32 bytes; required in production).",
@@ -234,12 +272,18 @@ class Settings:
         "KTULHU_FREE_GENERATIONS", 10, _int(0, 1_000_000_000), "Generations a free account may run.",
         group="auth",
     )
+    free_accounts_per_address: int = setting(
+        "KTULHU_FREE_ACCOUNTS_PER_ADDRESS", 1, _int(0, 1_000_000),
+        "Free quotas of unverified email accounts registered from one client address are pooled: "
+        "together they get this many accounts' worth of KTULHU_FREE_GENERATIONS (0 = no pooling).",
+        group="auth",
+    )
     min_password: int = setting(
         "KTULHU_MIN_PASSWORD", 8, _int(1, 1024), "Minimum password length at registration.", group="auth",
     )
     login_rate: int = setting(
         "KTULHU_LOGIN_RATE", 10, _int(0, 1_000_000),
-        "Sign-in attempts per minute per IP and per email (0 = unlimited).", group="auth",
+        "Failed sign-ins per minute per client address and per (email, address) (0 = unlimited).", group="auth",
     )
     google_jwks_url: str = setting(
         "KTULHU_GOOGLE_JWKS_URL", "https://www.googleapis.com/oauth2/v3/certs", _url,
@@ -264,7 +308,7 @@ class Settings:
     # chat surfaces (/ws and the chat REST routes)
     anon_rate: int = setting(
         "KTULHU_ANON_RATE", 20, _int(0, 1_000_000),
-        "Prompts per minute per device and per IP for anonymous sessions (0 = unlimited).", group="chat",
+        "Prompts per minute per client address for anonymous sessions (0 = unlimited).", group="chat",
     )
     ws_max_frame: int = setting(
         "KTULHU_WS_MAX_FRAME", 1 << 20, _int(1024, 64 << 20), "Largest /ws frame in bytes.", group="chat",

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 
 from ktulhu import doctor, native_build
 from ktulhu.settings import load_settings

@@ -6,10 +6,14 @@ import uuid
 
 import httpx
 import pytest
+import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from ktulhu import metrics
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.engine.sampling import SamplingParams
+from ktulhu.nurseries import loop_lag
 
 pytestmark = pytest.mark.model
 
@@ -42,7 +46,8 @@ async def test_metrics_exposition(live_server):
 
             await runtime.router.classify("how do I bake bread?", "en")
             params = SamplingParams.defaults(runtime.settings, max_tokens=8, temperature=0.0)
-            gen = runtime.engine.chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Say hi.")], params)
+            gen = await runtime.engine.chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Say hi.")],
+                                            params)
             with gen:
                 text = await gen.text()
             assert gen.finished is not None and gen.finished.metrics.generated_tokens >= 1, text
@@ -85,3 +90,40 @@ async def test_metrics_exposition(live_server):
                 value(before, "ktulhu_router_latency_seconds_count") == 1
             assert value(after, "ktulhu_store_errors_total", kind="corrupt") == \
                 runtime.store.aio.statistics().corrupt_records
+
+            # The tree's loop-lag probe keeps sampling while the server runs.
+            assert "ktulhu_event_loop_lag_seconds_bucket" in after
+            with trio.fail_after(30):
+                while value(samples((await client.get("/metrics")).text), "ktulhu_event_loop_lag_seconds_count") <= \
+                        value(after, "ktulhu_event_loop_lag_seconds_count"):
+                    await trio.sleep(0.05)
+
+
+def lag_histogram() -> tuple[float, float]:
+    """(count, sum) of ktulhu_event_loop_lag_seconds in this process."""
+    found = {s.name: s.value for s in metrics.EVENT_LOOP_LAG.collect()[0].samples}
+    return found["ktulhu_event_loop_lag_seconds_count"], found["ktulhu_event_loop_lag_seconds_sum"]
+
+
+async def test_loop_lag_probe_records_how_late_it_woke(mock_clock: trio.testing.MockClock) -> None:
+    """Under MockClock the probe's wake-ups are exact: on time = 0, after a 0.25 s stall = 0.25."""
+    recorded: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: loop_lag.watch(interval=0.1, observe=recorded.append))
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.1)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.35)  # the trio thread was held 0.25 s past the probe's deadline
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert recorded == [pytest.approx(0.0), pytest.approx(0.25)]
+
+    count, total = lag_histogram()
+    async with trio.open_nursery() as nursery:  # by default it feeds ktulhu_event_loop_lag_seconds
+        nursery.start_soon(lambda: loop_lag.watch(interval=0.1))
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.6)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    after_count, after_total = lag_histogram()
+    assert after_count == count + 1 and after_total - total == pytest.approx(0.5)

@@ -87,7 +87,8 @@ async def ours_streams(engine: Engine, prompts: list[list[int]], max_tokens: int
 
 
 def prompt_tokens(engine: Engine, indices: range) -> list[list[int]]:
-    return [list(engine.build_prompt([ChatMessage(**m) for m in chat_prompt(i)], 64).tokens) for i in indices]
+    return [list(engine.prompts.build([ChatMessage(**m) for m in chat_prompt(i)], n_ctx=engine.n_ctx_seq,
+                                      max_tokens=64).tokens) for i in indices]
 
 
 async def sweep(model: Model, args: argparse.Namespace, levels: list[int], server_binary: Path | None) -> dict:
@@ -147,7 +148,7 @@ async def chat_replay(model: Model, args: argparse.Namespace) -> dict:
             params = SamplingParams(temperature=0.0, max_tokens=32)
             started = time.perf_counter()
             first = None
-            with engine.chat(history, params, chat_id="replay") as gen:
+            with await engine.chat(history, params, chat_id="replay") as gen:
                 pieces = []
                 async for piece in gen:
                     first = first or time.perf_counter()
@@ -177,7 +178,7 @@ async def cancel_latency(model: Model, args: argparse.Namespace) -> dict:
         async def one(i: int) -> None:
             in_prefill = i % 4 == 0
             messages = long_prompt if in_prefill else [ChatMessage(**m) for m in chat_prompt(i)]
-            with engine.chat(messages, SamplingParams(max_tokens=400, ignore_eos=True)) as gen:
+            with await engine.chat(messages, SamplingParams(max_tokens=400, ignore_eos=True)) as gen:
                 if in_prefill:
                     while gen.metrics.admitted is None:
                         await trio.sleep(0.001)

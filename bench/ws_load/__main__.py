@@ -179,7 +179,7 @@ async def direct_round(engine: Engine, router: Router, args: argparse.Namespace,
         text = f"Describe {TOPICS[(i + round_no) % len(TOPICS)]} in detail."
         routed = await router.classify(text, "en")
         messages = [ChatMessage("system", system_prompt(routed, "en")), ChatMessage("user", text)]
-        with engine.chat(messages, SamplingParams.defaults(engine.settings)) as generation:
+        with await engine.chat(messages, SamplingParams.defaults(engine.settings)) as generation:
             await generation.text()
         totals.append(generation.metrics.generated_tokens)
         prefilled.append(generation.metrics.prompt_tokens - generation.metrics.cached_tokens)

@@ -57,7 +57,7 @@ class LocalBackend:
     async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int, grammar_for: GrammarFor,
                        temperature: float, seed: int | None) -> Completion:
         try:
-            prompt = self.engine.build_prompt(messages, max_tokens)
+            prompt = await self.engine.build_prompt(messages, max_tokens)
             params = SamplingParams.defaults(self.settings, max_tokens=prompt.max_tokens, temperature=temperature,
                                              seed=seed, grammar=grammar_for(prompt.max_tokens))
             gen = self.engine.generate(prompt.tokens, params)

@@ -1,7 +1,8 @@
 """`ktulhu agent "<goal>"`: reach a goal with file and shell tools, one model-chosen action per step.
 
-Exit codes: 0 final answer given, 1 model/server failure, 2 usage or configuration error, 3 step
-limit reached without a final answer, 4 a command was declined, 130 interrupted (Ctrl-C).
+Exit codes: 0 final answer given (and accepted), 1 model/server failure, 2 usage or configuration
+error, 3 step limit reached without a final answer, 4 a command was declined, 5 the final answer was
+rejected (a placeholder, or not backed by the run; see answers.py), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from .tools import ToolBox
 
 __all__ = ["add_parser", "run"]
 
-CONFIRM_TIMEOUT_S = 600.0  # a command nobody confirms within this counts as declined
+CONFIRM_TIMEOUT_S = 600.0  # a command or overwrite nobody confirms within this counts as declined
 EXIT_NAMES = {0: "final answer given", 1: "failed", 2: "usage error", 3: "step limit reached",
-              4: "command declined", 130: "interrupted"}
+              4: "command declined", 5: "final answer rejected", 130: "interrupted"}
 
 
 class UsageError(Exception):
@@ -43,13 +44,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "agent", help="reach a goal with file and shell tools in a working directory",
         description="Ask the model for one action at a time (list_dir, read_file, write_file, run_cmd, final) "
-                    "and carry it out inside the working directory. Every command is shown and needs your "
-                    "confirmation unless --yes is given. Exit codes: 0 final answer, 1 failure, 2 usage error, "
-                    "3 step limit reached, 4 command declined, 130 interrupted.",
+                    "and carry it out inside the working directory. Every command, and every write that would "
+                    "replace an existing file, is shown and needs your confirmation unless --yes is given. "
+                    "Exit codes: 0 final answer, 1 failure, 2 usage error, 3 step limit reached, 4 command "
+                    "declined, 5 final answer rejected (a placeholder or not backed by the run), 130 interrupted.",
     )
     parser.add_argument("goal", nargs="+", help="what to achieve (words are joined with spaces)")
     parser.add_argument("--workdir", default=".", help="directory the tools are confined to (default: current)")
-    parser.add_argument("--yes", "-y", action="store_true", help="run commands without asking")
+    parser.add_argument("--yes", "-y", action="store_true",
+                        help="run commands and replace existing files without asking")
     parser.add_argument("--max-steps", type=int, default=20, help="actions before giving up (default 20)")
     parser.add_argument("--max-tokens", type=int, default=384, help="token budget of one action (default 384)")
     parser.add_argument("--cmd-timeout", type=float, default=30.0, help="seconds a command may run (default 30)")
@@ -112,10 +115,11 @@ def run(args: argparse.Namespace) -> int:
     settings = None if args.server else load_settings(slots=1)  # SettingsError: exit 2 in ktulhu.cli
     configure_logging("warning", settings.log_format if settings else "text")
     console = Console(sys.stdout)
-    confirm = None
+    confirm = confirm_overwrite = None
     if not args.yes:
         confirm = functools.partial(_confirm, workspace)
-    tools = ToolBox(workspace, cmd_timeout=args.cmd_timeout, confirm=confirm)
+        confirm_overwrite = functools.partial(_confirm_overwrite, workspace)
+    tools = ToolBox(workspace, cmd_timeout=args.cmd_timeout, confirm=confirm, confirm_overwrite=confirm_overwrite)
     try:
         outcome = trio.run(_main, args, settings, config, tools, console)
     except BaseException as error:  # Ctrl-C arrives as KeyboardInterrupt, maybe inside a nursery's group
@@ -124,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
         console.say("\ninterrupted")
         outcome = Outcome(EXIT_INTERRUPTED, "interrupted", 0)
     console.say("")
+    declined = f", {tools.overwrites_declined} overwrite(s) declined" if tools.overwrites_declined else ""
     console.say(f"summary: {outcome.reason}; {outcome.steps} step(s), {tools.commands_run} command(s) run, "
-                f"{tools.files_written} file(s) written; exit {outcome.code} ({EXIT_NAMES[outcome.code]})")
+                f"{tools.files_written} file(s) written{declined}; exit {outcome.code} ({EXIT_NAMES[outcome.code]})")
     return outcome.code
 
 
@@ -140,11 +145,17 @@ async def _confirm(workspace: Workspace, cmd: str) -> bool:
                           CONFIRM_TIMEOUT_S)
 
 
+async def _confirm_overwrite(workspace: Workspace, name: str, size: int) -> bool:
+    return await ask_user(f"  replace the existing file {name} ({size} bytes) in {workspace.root}? [y/N] ",
+                          sys.stdin, sys.stdout, CONFIRM_TIMEOUT_S)
+
+
 async def _main(args: argparse.Namespace, settings: Any, config: AgentConfig, tools: ToolBox,
                 console: Console) -> Outcome:
     console.say(f"goal: {config.goal}")
     console.say(f"working directory: {tools.workspace.root}")
-    console.say(f"commands: {'run without asking (--yes)' if tools.confirm is None else 'asked before each'}; "
+    asking = "without asking (--yes)" if tools.confirm is None else "asked before each"
+    console.say(f"commands and overwrites: {asking}; "
                 f"timeout {tools.cmd_timeout:g} s; tools: {', '.join(config.tools)}")
     try:
         if args.server:

@@ -1,8 +1,12 @@
-"""The agent loop: ask the model for one action, run it, show the result, until `final` or the step limit.
+"""The agent loop: ask the model for one action, run it, show the result, until an accepted `final` or the step limit.
 
 The model sees the goal and the tool descriptions in the system prompt, then its own past actions
 (assistant turns, in canonical JSON) and their results (user turns), all rendered with the chat
 template; the oldest turns are dropped first when the history outgrows the context.
+
+The prompt describes the actions abstractly, with no example values: a small model copies whatever
+concrete action it is shown (it listed `.`, read `notes.txt` and wrote `hello.txt` whatever the goal
+was). The only placeholder is `…`, which the grammar (printable ASCII) cannot produce.
 """
 
 from __future__ import annotations
@@ -16,29 +20,40 @@ import trio
 
 from ..engine.prompt import ChatMessage
 from .actions import ACTIONS, ActionError, action_grammar, parse_action
+from .answers import RunRecord, judge_answer
 from .backends import Backend, ModelError
 from .tools import CommandDeclined, ToolBox, ToolResult
 
 __all__ = [
-    "EXIT_DECLINED", "EXIT_DONE", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_MAX_STEPS", "EXIT_USAGE",
+    "EXIT_DECLINED", "EXIT_DONE", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_MAX_STEPS", "EXIT_REJECTED", "EXIT_USAGE",
     "AgentConfig", "Outcome", "run_agent", "system_prompt",
 ]
 
-EXIT_DONE = 0  # the model gave its final answer
+EXIT_DONE = 0  # the model gave a final answer that was accepted
 EXIT_FAILED = 1  # the model or server failed, or produced no valid action
 EXIT_USAGE = 2  # bad command line or configuration
 EXIT_MAX_STEPS = 3  # the step limit was reached without a final answer
 EXIT_DECLINED = 4  # the user declined a command (or gave no answer in time)
+EXIT_REJECTED = 5  # the final answer was a placeholder or not backed by the run (see answers.py)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
-_EXAMPLES = {
-    "list_dir": ('{"action": "list_dir", "path": "."}', "lists a directory."),
-    "read_file": ('{"action": "read_file", "path": "notes.txt"}', "shows a text file."),
-    "write_file": ('{"action": "write_file", "path": "hello.txt", "content": "Hello\\n"}',
-                   "creates or replaces a file."),
-    "run_cmd": ('{"action": "run_cmd", "cmd": "ls -l"}', "runs a shell command (stopped after {timeout} s)."),
-    "final": ('{"action": "final", "answer": "what you did or found"}', "ends the work with your answer."),
+#: A second rejected final answer ends the run (the first is reported to the model, which may go on).
+MAX_REJECTED_ANSWERS = 2
+
+#: name -> (fields, what it does); no example values, see the module docstring.
+_DESCRIPTIONS = {
+    "list_dir": ("path", "lists the directory at path."),
+    "read_file": ("path", "shows the text file at path."),
+    "write_file": ("path, content", "writes content to the file at path (replacing an existing file "
+                                    "needs the user's consent)."),
+    "run_cmd": ("cmd", "runs the shell command cmd (stopped after {timeout} s)."),
+    "final": ("answer", "ends the work; answer tells the user the result."),
 }
+FIRST_QUESTION = "What is your first action?"
+NEXT_QUESTION = "What is your next action?"
+REPEATED_HINT = "You already did exactly this. Choose a different action, or use final."
+REJECTED_HINT = ("Your answer was not accepted: {reason}. Take the actions the goal needs, then answer with "
+                 "what their results showed.")
 
 
 @attrs.frozen
@@ -64,21 +79,32 @@ class Outcome:
 
 
 def system_prompt(goal: str, tools: Sequence[str], cmd_timeout: float) -> str:
+    """The instructions: the goal, the reply format and each allowed action's fields, without example values."""
     lines = [
         "You are a command-line agent. You reach a goal by taking one action at a time in a working directory.",
         f"Goal: {goal}",
         "",
-        "Reply with exactly one JSON object and nothing else. The actions:",
+        'Reply with exactly one JSON object and nothing else: {"action": …, …}, the name of the action, then its '
+        "fields as JSON strings, in the order given below. Take every value (…) from the goal or from the results "
+        "you got.",
+        "The actions:",
     ]
     for name in ACTIONS:
         if name in tools:
-            example, what = _EXAMPLES[name]
-            lines.append(f"{example} {what.format(timeout=f'{cmd_timeout:g}')}")
+            fields, what = _DESCRIPTIONS[name]
+            lines.append(f"- {name} (fields: {fields}): {what.format(timeout=f'{cmd_timeout:g}')}")
     lines += [
         "Paths are relative to the working directory and cannot leave it.",
-        "After each action you get its result. When the goal is reached, use final.",
+        "Use only the actions the goal needs. After each action you get its result. When the goal is reached, "
+        "use final.",
     ]
     return "\n".join(lines)
+
+
+def instruction_text(tools: Sequence[str], cmd_timeout: float) -> str:
+    """Everything the agent itself tells the model, without the goal: an answer made of it is a copy."""
+    return "\n".join([system_prompt("", tools, cmd_timeout), FIRST_QUESTION, NEXT_QUESTION, REPEATED_HINT,
+                      REJECTED_HINT.format(reason=""), "Result:"])
 
 
 def clip(text: str, limit: int) -> str:
@@ -107,8 +133,12 @@ class Console:
 async def run_agent(config: AgentConfig, backend: Backend, tools: ToolBox, console: Console) -> Outcome:
     """Run the loop; returns how it ended (never raises for model, tool or user outcomes)."""
     system = system_prompt(config.goal, config.tools, tools.cmd_timeout)
+    instructions = instruction_text(config.tools, tools.cmd_timeout)
     history: list[ChatMessage] = []
-    first = ChatMessage("user", f"Goal: {config.goal}\nWhat is your first action?")
+    first = ChatMessage("user", f"Goal: {config.goal}\n{FIRST_QUESTION}")
+    arguments: list[str] = []
+    results: list[str] = []
+    rejected: list[str] = []
 
     def grammar_for(max_tokens: int) -> str:
         return action_grammar(max_tokens, config.tools)
@@ -144,29 +174,45 @@ async def run_agent(config: AgentConfig, backend: Backend, tools: ToolBox, conso
             else:
                 console.say(f"  {field}: {value}")
         if action.name == "final":
-            console.say("")
-            console.say("final answer:")
-            console.show_block(action.args["answer"], limit=4000, prefix="  ")
-            return Outcome(EXIT_DONE, "final answer", step, action.args["answer"])
-        try:
-            result = await tools.execute(action)
-        except CommandDeclined:
-            console.say("  declined: the command was not run; stopping")
-            return Outcome(EXIT_DECLINED, "a command was declined", step)
-        console.say(f"  {'ok' if result.ok else 'failed'}: {result.summary}")
-        if result.text != result.summary and action.name in ("run_cmd", "read_file", "list_dir"):
-            console.show_block(result.text)
+            answer = action.args["answer"]
+            verdict = judge_answer(answer, RunRecord(
+                goal=config.goal, instructions=instructions, tools_allowed=any(t != "final" for t in config.tools),
+                arguments=tuple(arguments), results=tuple(results)))
+            if verdict.accepted:
+                console.say("")
+                console.say("final answer:")
+                console.show_block(answer, limit=4000, prefix="  ")
+                return Outcome(EXIT_DONE, "final answer", step, answer)
+            rejected.append(verdict.reason)
+            console.say(f"  rejected: {verdict.reason}")
+            if len(rejected) >= MAX_REJECTED_ANSWERS:
+                return Outcome(EXIT_REJECTED, f"final answer rejected ({verdict.reason})", step, answer)
+            result = ToolResult(False, REJECTED_HINT.format(reason=verdict.reason), verdict.reason)
+        else:
+            try:
+                result = await tools.execute(action)
+            except CommandDeclined:
+                console.say("  declined: the command was not run; stopping")
+                return Outcome(EXIT_DECLINED, "a command was declined", step)
+            arguments.extend(action.args.values())
+            results.append(result.text)
+            console.say(f"  {'ok' if result.ok else 'failed'}: {result.summary}")
+            if result.text != result.summary and action.name in ("run_cmd", "read_file", "list_dir"):
+                console.show_block(result.text)
         repeated = len(history) >= 2 and history[-2].content == action.to_json()
         history += [
             ChatMessage("assistant", action.to_json()),
             ChatMessage("user", _observation(result, config.observation_chars, repeated)),
         ]
+    if rejected:
+        return Outcome(EXIT_REJECTED, f"no accepted final answer after {config.max_steps} steps "
+                                      f"(rejected: {rejected[-1]})", config.max_steps)
     return Outcome(EXIT_MAX_STEPS, f"no final answer after {config.max_steps} steps", config.max_steps)
 
 
 def _observation(result: ToolResult, limit: int, repeated: bool) -> str:
-    hint = "You already did exactly this. Choose a different action, or use final." if repeated else ""
-    return f"Result:\n{clip(result.text, limit)}\n\n{hint}\nWhat is your next action?".replace("\n\n\n", "\n\n")
+    hint = REPEATED_HINT if repeated else ""
+    return f"Result:\n{clip(result.text, limit)}\n\n{hint}\n{NEXT_QUESTION}".replace("\n\n\n", "\n\n")
 
 
 async def ask_user(question: str, stdin: TextIO, out: TextIO, timeout: float) -> bool:

@@ -5,6 +5,12 @@ working directory, in its own process group, with stdin closed, secrets removed 
 environment, output captured up to a bound and a timeout after which the whole group is ended
 (SIGTERM, then SIGKILL). A command can do whatever the user can, so each one is shown and must be
 confirmed unless the user chose `--yes`.
+
+Replacing an existing file loses its content, so `write_file` asks too (unless `--yes`): a new file
+is created with `O_EXCL`, and only when that finds a file there (however the path was spelled, through
+a symlink or a hard link, or created a moment ago) is the user asked. A refusal is the tool's result;
+the run goes on and the file is untouched. The file is written only if it is still the one the user
+was asked about.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import attrs
 import trio
@@ -22,7 +29,7 @@ import trio
 from .actions import Action
 from .sandbox import SandboxError, Workspace
 
-__all__ = ["CommandDeclined", "ToolBox", "ToolResult", "run_command"]
+__all__ = ["CommandDeclined", "ConfirmOverwrite", "ToolBox", "ToolResult", "run_command"]
 
 READ_LIMIT = 16 * 1024  # bytes of a file returned by read_file
 WRITE_LIMIT = 1024 * 1024  # bytes write_file accepts
@@ -117,6 +124,19 @@ async def run_command(
 
 
 Confirm = Callable[[str], Awaitable[bool]]
+#: (the file as the workspace names it, its size in bytes) -> whether it may be replaced.
+ConfirmOverwrite = Callable[[str, int], Awaitable[bool]]
+
+
+@attrs.frozen
+class _Existing:
+    """The regular file a write would replace, as the user was asked about it."""
+
+    path: Path
+    name: str
+    size: int
+    #: Device, inode, size and change times: an inode number alone may be reused by a new file.
+    identity: tuple[int, ...]
 
 
 @attrs.define
@@ -125,15 +145,20 @@ class ToolBox:
     cmd_timeout: float = 30.0
     #: Asked before each command; None runs commands without asking (`--yes`).
     confirm: Confirm | None = None
+    #: Asked before a write replaces an existing file; None replaces without asking (`--yes`).
+    confirm_overwrite: ConfirmOverwrite | None = None
     commands_run: int = 0
     files_written: int = 0
+    overwrites_declined: int = 0
 
     async def execute(self, action: Action) -> ToolResult:
         """Run one action's tool; sandbox refusals and I/O errors become failed results."""
         try:
             if action.name == "run_cmd":
                 return await self.run_cmd(action.args["cmd"])
-            tool = {"read_file": self.read_file, "write_file": self.write_file, "list_dir": self.list_dir}[action.name]
+            if action.name == "write_file":
+                return await self.write_file(action.args["path"], action.args["content"])
+            tool = {"read_file": self.read_file, "list_dir": self.list_dir}[action.name]
             return await trio.to_thread.run_sync(tool, *action.args.values())
         except SandboxError as error:
             return ToolResult(False, f"refused: {error}", f"refused: {error}")
@@ -182,25 +207,60 @@ class ToolBox:
         return ToolResult(True, f"content of {name}:\n{text}{note}",
                           f"read {name}: {info.st_size} bytes" + (" (truncated)" if truncated else ""))
 
-    def write_file(self, path: str, content: str) -> ToolResult:
+    async def write_file(self, path: str, content: str) -> ToolResult:
+        """Create `path`, or replace the existing file there once the user agrees (or `--yes`)."""
         data = content.encode("utf-8")
         if len(data) > WRITE_LIMIT:
             raise SandboxError(f"content is {len(data)} bytes; at most {WRITE_LIMIT} may be written")
+        created = await trio.to_thread.run_sync(self._create, path, data)
+        if isinstance(created, ToolResult):
+            return created
+        if self.confirm_overwrite is not None and not await self.confirm_overwrite(created.name, created.size):
+            self.overwrites_declined += 1
+            return ToolResult(False, f"not written: the user did not allow replacing the existing file {created.name}; "
+                                     "it is unchanged. Write to a new path, or go on without it.",
+                              f"declined: {created.name} was not replaced")
+        return await trio.to_thread.run_sync(self._replace, path, data, created)
+
+    def _create(self, path: str, data: bytes) -> ToolResult | _Existing:
+        """Write a new file; or, when a file is already there, describe it (nothing is written)."""
         target = self.workspace.writable(path)
         name = self.workspace.relative(target)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(target, flags, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise SandboxError(f"{path!r} is not a regular file")
-            os.ftruncate(fd, 0)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            fd = os.open(target, flags, 0o644)
+        except FileExistsError:
+            info = os.lstat(target)
+            if not stat.S_ISREG(info.st_mode):  # e.g. a link or FIFO put there since `writable` looked
+                raise SandboxError(f"{path!r} exists and is not a regular file") from None
+            if os.path.normpath(path) != name:  # through a link or an absolute path: say which file it is
+                name = f"{name} (named {path!r})"
+            return _Existing(target, name, info.st_size, _identity(info))
+        try:
+            _write_all(fd, data)
         finally:
             os.close(fd)
         self.files_written += 1
-        return ToolResult(True, f"wrote {len(data)} bytes to {name}", f"wrote {len(data)} bytes to {name}")
+        return ToolResult(True, f"wrote {len(data)} bytes to new file {name}", f"wrote {len(data)} bytes to {name}")
+
+    def _replace(self, path: str, data: bytes, existing: _Existing) -> ToolResult:
+        """Replace `existing`, only if `path` still leads to that very file (the one the user agreed to)."""
+        target = self.workspace.writable(path)
+        changed = SandboxError(f"{path!r} changed while the user was asked; nothing was written")
+        if target != existing.path:
+            raise changed
+        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or _identity(info) != existing.identity:
+                raise changed
+            os.ftruncate(fd, 0)
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        self.files_written += 1
+        return ToolResult(True, f"replaced {existing.name}: wrote {len(data)} bytes (it had {existing.size})",
+                          f"replaced {existing.name}: wrote {len(data)} bytes (it had {existing.size})")
 
     def list_dir(self, path: str) -> ToolResult:
         target = self.workspace.existing(path)
@@ -225,6 +285,16 @@ class ToolBox:
             lines.append(f"[{len(ordered) - LIST_LIMIT} more entries not shown]")
         listing = "\n".join(lines) if lines else "(empty)"
         return ToolResult(True, f"entries of {name}:\n{listing}", f"{name}: {len(ordered)} entries")
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _text_or_none(data: bytes, truncated: bool) -> str | None:

@@ -20,7 +20,7 @@ from quart import Response
 
 from ..auth.quota import QuotaExceeded, Reservation, UserGone, reserve
 from ..engine.prompt import ChatMessage, ContextTooLong, PromptError
-from ..engine.request import Busy, EngineClosed, EngineError, Generation
+from ..engine.request import Busy, EngineClosed, EngineError, Generation, GrammarDeadEnd
 from ..engine.sampling import SamplingParams
 from ..nurseries.runtime import Runtime
 from ..prompts import system_prompt
@@ -43,13 +43,13 @@ async def routed_system_prompt(runtime: Runtime, text: str, language: str | None
     return result, system_prompt(result, language or result.language)
 
 
-def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation:
+async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation:
     engine = runtime.engine
     if engine is None or runtime.shutting_down.is_set():
         raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
                       headers={"Retry-After": "5"})
     try:
-        return engine.chat(messages, params)
+        return await engine.chat(messages, params)
     except Busy as exc:
         raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "1"}) from None
     except ContextTooLong as exc:
@@ -89,6 +89,9 @@ class PaidGeneration:
                 yield piece
         except EngineError as exc:
             await self._refund_if_undelivered()
+            if isinstance(exc, GrammarDeadEnd):  # the request's grammar, not the server, is at fault
+                raise Problem(400, "invalid_grammar", f"{exc}: the grammar cannot be completed by this model's "
+                                                      "tokens") from None
             status = 503 if isinstance(exc, EngineClosed) else 500
             raise Problem(status, "generation_failed", str(exc) or "the generation failed") from None
         except BaseException:
@@ -127,7 +130,7 @@ async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], p
     except UserGone:
         raise Problem(401, "user_not_found", "the account no longer exists") from None
     try:
-        generation = _submit(runtime, messages, params)
+        generation = await _submit(runtime, messages, params)
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(REFUND_TIMEOUT_S):
             await reservation.refund()

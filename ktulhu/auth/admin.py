@@ -2,7 +2,7 @@
 
 The file is `{"username": ..., "password_hash": "$argon2id$..."}`, written by
 `ktulhu admin set-password`. A plaintext `password` (the original's format) is refused with a message
-saying how to replace it. Failed attempts are rate-limited per client address.
+saying how to replace it. Wrong credentials are rate-limited per client address (see `check_admin`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 import os
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class AdminCheck:
 
     status: int
     message: str = ""
+    #: Seconds until a 429 may be retried (0 otherwise).
+    retry_after: int = 0
 
     @property
     def ok(self) -> bool:
@@ -111,27 +114,37 @@ def _verify(creds: AdminCredentials, user: str, password: str) -> bool:
 
 
 async def check_admin(runtime: Runtime, authorization: str | None, client: str) -> AdminCheck:
-    """Check HTTP Basic credentials; failures count against `client`'s rate budget."""
+    """Check HTTP Basic credentials.
+
+    Lockout rules (why: a lock that anyone can trigger is a way to lock the admin out):
+    - a missing or malformed header is a 401 challenge that spends nothing (it guesses nothing);
+    - only a well-formed user:password pair that is wrong spends one token of `client`'s budget
+      (`KTULHU_ADMIN_RATE` per minute); a right one gives its token back;
+    - an address whose budget is empty gets 429, even with the right password (otherwise the lock
+      would still let it guess); every other address is unaffected.
+    The token is taken before the password is verified, so concurrent guesses cannot exceed the budget.
+    """
     settings = runtime.settings
     try:
         creds = load_admin_credentials(settings.path(settings.admin_auth_file))
     except AdminConfigError as exc:
         return AdminCheck(503, str(exc))
+    pair = _basic(authorization)
+    if pair is None:
+        return AdminCheck(401, "unauthorized")
     store = runtime.store
     assert store is not None
     rate = settings.admin_rate
+    subject = client or "unknown"
     if rate:
-        # Peek at the budget without spending it: only failures spend.
-        decision = await store.aio.take_rate_token(
-            "admin", client or "unknown", capacity=rate, refill_per_s=rate / 60, cost=0)
-        if decision.tokens_left < 1:
-            return AdminCheck(429, "too many failed admin sign-ins; try again later")
-    pair = _basic(authorization)
-    if pair is not None:
-        async with _VERIFY_LIMIT:
-            ok = await trio.to_thread.run_sync(_verify, creds, *pair)
-        if ok:
-            return AdminCheck(200)
+        decision = await store.aio.take_rate_token("admin", subject, capacity=rate, refill_per_s=rate / 60)
+        if not decision.allowed:
+            return AdminCheck(429, "too many failed admin sign-ins; try again later",
+                              retry_after=max(1, math.ceil(decision.retry_after_ms / 1000)))
+    async with _VERIFY_LIMIT:
+        ok = await trio.to_thread.run_sync(_verify, creds, *pair)
+    if not ok:
+        return AdminCheck(401, "unauthorized")
     if rate:
-        await store.aio.take_rate_token("admin", client or "unknown", capacity=rate, refill_per_s=rate / 60)
-    return AdminCheck(401, "unauthorized")
+        await store.aio.take_rate_token("admin", subject, capacity=rate, refill_per_s=rate / 60, cost=-1)
+    return AdminCheck(200)

@@ -3,9 +3,11 @@ to verify RS256 tokens (`aud`, `iss`, `exp`, `iat`, `sub`).
 
 Keys are fetched with httpx's async client (the trio loop never blocks), under a time limit, and
 kept for `KTULHU_JWKS_TTL` seconds. A token naming a key id the cache does not hold refetches at
-once (providers rotate keys), but refetches are spaced at least `MIN_REFETCH_S` apart so tokens
-with made-up key ids cannot turn the server into a request amplifier. When a refetch fails and the
-key is still in the expired cache, the cached key is used: a provider outage does not end sign-in.
+once (providers rotate keys), but fetches are single-flight and spaced at least `MIN_REFETCH_S`
+apart, every wait is bounded and no lock is held, so tokens with made-up key ids can neither turn
+the server into a request amplifier nor queue up in front of valid sign-ins (see `JwksCache`). When a refetch fails
+and the key is still in the expired cache, the cached key is used: a provider outage does not end
+sign-in.
 """
 
 from __future__ import annotations
@@ -71,44 +73,100 @@ class IdToken:
 
 
 @attrs.define(eq=False)
+class _Flight:
+    """One fetch of the key set, shared by every caller that needs it (single flight)."""
+
+    #: trio time by which every waiter gives up, however the fetch goes.
+    deadline: float
+    done: trio.Event = attrs.field(factory=trio.Event)
+    #: The caller running it went away before it finished: waiters try again.
+    interrupted: bool = False
+
+
+@attrs.define(eq=False)
 class JwksCache:
-    """One provider's signing keys. Use it from one trio run (it holds a trio lock)."""
+    """One provider's signing keys. Use it from one trio run.
+
+    Rules, so that tokens with made-up key ids can neither hammer the provider nor hold up real
+    sign-ins:
+    - a key in the fresh cache is used at once;
+    - at most one fetch is pending or running at a time, and every caller that needs a fetch waits
+      for that one (a bounded wait: until `MIN_REFETCH_S` + `FETCH_TIMEOUT_S` + 1 s at most)
+      instead of starting its own;
+    - a fetch starts at least `MIN_REFETCH_S` after the previous one ended (an unknown key id in
+      between waits for the next fetch: keys rotated that very second still work), so a flood
+      costs the provider at most one request per `MIN_REFETCH_S`;
+    - a key still in an expired cache is used at once while a fetch is pending or running, and kept
+      when a fetch fails; right after a failed fetch an unknown key id fails at once (502);
+    - no lock is held, so nobody queues behind anybody else's fetch or wait.
+    """
 
     url: str
     ttl: float
     keys: dict[str, jwt.PyJWK] = attrs.field(factory=dict)
     fetched_at: float | None = None  # trio.current_time() of the last successful fetch
-    attempted_at: float | None = None
+    attempted_at: float | None = None  # trio.current_time() when the last fetch ended
     fetches: int = 0
-    _lock: trio.Lock = attrs.field(factory=trio.Lock)
+    #: The error of the last fetch when it failed (cleared by a success).
+    last_error: JwksUnavailable | None = None
+    _flight: _Flight | None = None
 
     def _fresh(self) -> bool:
         return self.fetched_at is not None and trio.current_time() - self.fetched_at < self.ttl
 
+    def _next_fetch_at(self) -> float:
+        now = trio.current_time()
+        return now if self.attempted_at is None else max(now, self.attempted_at + MIN_REFETCH_S)
+
     async def key(self, kid: str) -> jwt.PyJWK:
         """The key `kid`; raises `InvalidIdToken` when the provider does not have it, `JwksUnavailable`
         when the keys cannot be fetched (and the key is not cached)."""
-        if self._fresh() and kid in self.keys:
+        for _ in range(3):
+            spaced = self._next_fetch_at() > trio.current_time()
+            if kid in self.keys and (self._fresh() or self._flight is not None or spaced):
+                return self.keys[kid]  # fresh; or stale while a fetch is due / right after one failed
+            if kid not in self.keys and self._flight is None and spaced and self.last_error is not None:
+                break  # the provider failed a moment ago: answer now rather than pile up
+            flight = self._flight
+            if flight is None:
+                await self._run_flight()
+                break
+            with trio.move_on_after(max(0.0, flight.deadline - trio.current_time())):
+                await flight.done.wait()
+            if not flight.done.is_set():
+                raise JwksUnavailable(f"{self.url} did not answer within {FETCH_TIMEOUT_S:g} s")
+            if not flight.interrupted:
+                break
+        if kid in self.keys:
             return self.keys[kid]
-        async with self._lock:
-            if self._fresh() and kid in self.keys:  # fetched while we waited
-                return self.keys[kid]
-            if self.attempted_at is not None:
-                wait = self.attempted_at + MIN_REFETCH_S - trio.current_time()
-                if wait > 0:
-                    await trio.sleep(wait)
-            try:
-                await self._fetch()
-            except JwksUnavailable:
-                if kid in self.keys:
-                    return self.keys[kid]
-                raise
-        if kid not in self.keys:
-            raise InvalidIdToken("the token was signed with a key the provider does not publish")
-        return self.keys[kid]
+        if self.last_error is not None:
+            raise JwksUnavailable(str(self.last_error))
+        raise InvalidIdToken("the token was signed with a key the provider does not publish")
+
+    async def _run_flight(self) -> None:
+        """Wait out the spacing, then fetch, as the one flight everybody else waits for."""
+        start = self._next_fetch_at()
+        flight = self._flight = _Flight(deadline=start + FETCH_TIMEOUT_S + 1)
+        began = False
+        try:
+            await trio.sleep_until(start)
+            began = True
+            await self._fetch()
+            self.last_error = None
+        except JwksUnavailable as exc:
+            self.last_error = exc
+        except BaseException:
+            flight.interrupted = True  # this caller went away (cancelled): a waiter takes over
+            raise
+        finally:
+            if began:
+                # Spacing counts from the end of a fetch, so a key server that hangs is asked
+                # again only MIN_REFETCH_S after it was given up on, never back to back.
+                self.attempted_at = trio.current_time()
+            self._flight = None
+            flight.done.set()
 
     async def _fetch(self) -> None:
-        self.attempted_at = trio.current_time()
         self.fetches += 1
         try:
             with trio.fail_after(FETCH_TIMEOUT_S):

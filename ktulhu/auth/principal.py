@@ -79,6 +79,9 @@ async def authenticate_bearer(runtime: Runtime, credential: str) -> Principal:
         claims = verify_claims(runtime.settings, credential)
     except InvalidToken:
         raise AuthError("invalid_token", "token is not valid or has expired") from None
+    jti = claims.get("jti")
+    if jti is not None and await store.aio.run(store.is_token_revoked, jti):
+        raise AuthError("invalid_token", "token was signed out; sign in again")
     user_id = claims["sub"]
     user = await store.aio.load_user(user_id) if is_valid_id(user_id) else None
     if user is None:

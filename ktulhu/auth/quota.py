@@ -5,6 +5,12 @@ count (the store serialises it per user), so concurrent requests can never excee
 the generation then produces nothing (the engine refused it or failed before its first token) the
 reservation is refunded; a reply that was delivered, even partly or cut short by the client,
 counts.
+
+Email registration proves nothing, so one person could open many accounts for many free quotas.
+Accounts registered by email from one client address therefore share a pool
+(`KTULHU_FREE_ACCOUNTS_PER_ADDRESS` x `KTULHU_FREE_GENERATIONS` generations, counted in the store)
+on top of their own count, until a Google/Apple sign-in verifies the account's email. OAuth accounts,
+paid and admin accounts, and accounts made before pools existed are not pooled.
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ from ..nurseries.runtime import Runtime
 from ..settings import Settings
 from ..store.records import User
 
-__all__ = ["QuotaExceeded", "Reservation", "UNLIMITED_ROLES", "UserGone", "generation_limit", "refund", "reserve", "usage"]
+__all__ = ["FREE_POOL", "QuotaExceeded", "Reservation", "UNLIMITED_ROLES", "UserGone", "generation_limit",
+           "pool_of", "refund", "reserve", "usage"]
 
 UNLIMITED_ROLES = ("paid", "admin")
+#: `User.meta` key: the shared free-quota pool of an account registered by email (set at registration).
+FREE_POOL = "free_pool"
+#: `User.meta` key set when an OAuth provider verified the account's email (see `auth.signin`).
+_EMAIL_VERIFIED = "email_verified"
 
 
 class QuotaExceeded(Exception):
@@ -47,31 +58,55 @@ def usage(settings: Settings, user: User, count: int | None = None) -> dict[str,
     }
 
 
+def pool_of(settings: Settings, user: User) -> str | None:
+    """The shared pool `user`'s free generations also count against, or None."""
+    if not settings.free_accounts_per_address or generation_limit(settings, user) is None:
+        return None
+    meta = user.meta if isinstance(user.meta, dict) else {}
+    pool = meta.get(FREE_POOL)
+    if not isinstance(pool, str) or not pool or meta.get(_EMAIL_VERIFIED) is True:
+        return None
+    return pool
+
+
 @attrs.define
 class Reservation:
-    """One reserved generation; `refund()` gives it back at most once."""
+    """One reserved generation; `refund()` gives it back at most once (to the pool too)."""
 
     runtime: Runtime
     user: User
     generation_count: int
     refunded: bool = False
+    pool: str | None = None
 
     async def refund(self) -> None:
         if not self.refunded:
             self.refunded = True
             await refund(self.runtime, self.user.id)
+            if self.pool is not None:
+                store = self.runtime.store
+                assert store is not None
+                await store.aio.run(store.spend_quota_pool, self.pool, limit=0, by=-1)
 
 
 async def reserve(runtime: Runtime, user: User) -> Reservation:
-    """Count one generation for `user` if the quota allows; raises `QuotaExceeded` or `UserGone`."""
+    """Count one generation for `user` (and its pool) if the quota allows; raises `QuotaExceeded` or
+    `UserGone`."""
     store = runtime.store
     assert store is not None
-    result = await store.aio.increment_generation_count(user.id, limit=generation_limit(runtime.settings, user))
+    settings = runtime.settings
+    limit = generation_limit(settings, user)
+    result = await store.aio.increment_generation_count(user.id, limit=limit)
     if result.generation_count is None:
         raise UserGone(user.id)
     if not result.allowed:
         raise QuotaExceeded(user.id)
-    return Reservation(runtime, user, result.generation_count)
+    pool = pool_of(settings, user)
+    if pool is not None and limit is not None:
+        if not await store.aio.run(store.spend_quota_pool, pool, limit=limit * settings.free_accounts_per_address):
+            await refund(runtime, user.id)
+            raise QuotaExceeded(user.id)
+    return Reservation(runtime, user, result.generation_count, pool=pool)
 
 
 async def refund(runtime: Runtime, user_id: str) -> None:

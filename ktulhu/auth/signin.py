@@ -22,6 +22,7 @@ from .api_keys import revoke_all_keys
 from .oidc import IdToken
 from .passwords import stored_hash, verify_password
 from .principal import SESSIONS_AFTER
+from .quota import FREE_POOL
 
 __all__ = ["EmailTaken", "create_email_user", "email_login", "oauth_user"]
 
@@ -41,14 +42,17 @@ def _meta(user: User) -> dict:
     return user.meta
 
 
-async def create_email_user(runtime: Runtime, email: str, password_hash: str) -> User:
-    """A new free account for a normalised, validated email; raises `EmailTaken`."""
+async def create_email_user(runtime: Runtime, email: str, password_hash: str, *, pool: str | None = None) -> User:
+    """A new free account for a normalised, validated email; raises `EmailTaken`. `pool` names the
+    shared free quota of unverified accounts made from the same address (`quota.FREE_POOL`)."""
     store = runtime.store
     assert store is not None
+    meta: dict = {"email": email, "auth_methods": ["email"]}
+    if pool:
+        meta[FREE_POOL] = pool
     user = User(
         id=str(uuid.uuid4()), name=None, external_id=f"email:{email}", created_ts=now_ms(),
-        meta={"email": email, "auth_methods": ["email"]}, email=email, password_hash=password_hash,
-        generation_count=0, role="free",
+        meta=meta, email=email, password_hash=password_hash, generation_count=0, role="free",
     )
     try:
         return await store.aio.save_user(user)

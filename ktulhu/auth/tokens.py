@@ -1,17 +1,21 @@
 """App JWTs: HS256 tokens this server issues at sign-in and accepts on every authenticated route.
 
-Claims are `sub` (user id), `iat`, `exp`, `iss` and `aud`. Verification pins the algorithm to HS256
-(so `none` and key-confusion tokens are refused) and requires every claim.
+Claims are `sub` (user id), `iat`, `exp`, `iss`, `aud` and `jti` (a random token id, so that one
+token can be signed out: `POST /api/auth/logout`). Verification pins the algorithm to HS256 (so
+`none` and key-confusion tokens are refused) and requires every claim but `jti` (tokens issued
+before it existed stay valid until they expire).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
 import jwt
 
 from ..settings import Settings
+from ..store.keys import is_valid_id
 
 __all__ = ["ALGORITHM", "InvalidToken", "issue_token", "verify_claims", "verify_token"]
 
@@ -32,6 +36,7 @@ def issue_token(settings: Settings, user_id: str, *, now: float | None = None) -
         "exp": issued + settings.jwt_ttl,
         "iss": settings.jwt_issuer,
         "aud": settings.jwt_audience,
+        "jti": secrets.token_urlsafe(16),
     }
     return jwt.encode(claims, settings.jwt_secret, algorithm=ALGORITHM)
 
@@ -62,4 +67,6 @@ def verify_claims(settings: Settings, token: str) -> dict[str, Any]:
         raise InvalidToken("token has no subject")
     if isinstance(claims["iat"], bool) or not isinstance(claims["iat"], (int, float)):
         raise InvalidToken("token has no valid issue time")
+    if "jti" in claims and not is_valid_id(claims["jti"]):
+        raise InvalidToken("token has no valid id")
     return claims

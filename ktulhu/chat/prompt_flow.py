@@ -31,7 +31,7 @@ from ..router.result import IntentRoutingResult, default_result
 from ..router.routing import normalise_language
 from ..store.records import Chat, Message, MessageAttachment, now_ms
 from . import frames
-from .access import may_use_chat
+from .access import ChatForbidden, chat_for, may_use_chat
 from .attachments import attachment_notes, classification_text
 from .frames import PromptFrame
 from .turns import Ticket
@@ -44,6 +44,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Bound on the final store writes of a prompt that is being torn down (disconnect, shutdown).
 PERSIST_TIMEOUT_S = 5.0
+#: A streaming reply is saved this often (marked incomplete), so a killed process leaves it in the history.
+CHECKPOINT_S = 2.0
 #: Roles of stored messages that become turns of the prompt (`summary` and `system` are not).
 _TURN_ROLES = ("user", "assistant")
 
@@ -65,8 +67,32 @@ class PromptContext:
     principal: Principal
     client: str
     send: Send
-    #: Chats this socket prompted on (their titles are pushed to it).
-    chats: set[str] = attrs.field(factory=set)
+    #: Chats this socket prompted on or registered (their titles are pushed to it), newest last.
+    chats: FollowedChats = attrs.field(factory=lambda: FollowedChats())
+    #: The bearer credential the socket presented: re-checked before every prompt, so a revoked
+    #: key, a deleted user or a changed role takes effect on sockets that are already open.
+    credential: str | None = None
+
+
+class FollowedChats:
+    """The chats a socket follows, at most `limit` (the oldest is forgotten): `register` frames must
+    not grow a socket's memory without bound."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._ids: dict[str, None] = {}
+
+    def add(self, chat_id: str) -> None:
+        self._ids.pop(chat_id, None)
+        self._ids[chat_id] = None
+        while len(self._ids) > self.limit:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, chat_id: object) -> bool:
+        return chat_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 @attrs.define
@@ -80,9 +106,22 @@ class _Reply:
     generation: Generation | None = None
     user_message: Message | None = None
     reservation: quota.Reservation | None = None
+    #: The assistant turn's id: checkpoints and the final save replace one record in place.
+    assistant_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
 
     def frame(self, **fields: Any) -> dict[str, Any]:
         return {**fields, "request_id": self.request_id, "chat_id": self.chat_id}
+
+    def assistant_message(self, meta: dict[str, Any]) -> Message:
+        assert self.user_message is not None and self.generation is not None
+        counts = self.generation.metrics
+        return Message(
+            id=self.assistant_id, chat_id=self.chat_id, session_id=self.user_message.session_id,
+            device_hash=self.user_message.device_hash, role="assistant", text="".join(self.parts).strip(),
+            language=self.user_message.language, ts=now_ms(),
+            meta={"request_id": self.request_id, "prompt_tokens": counts.prompt_tokens,
+                  "generated_tokens": counts.generated_tokens, **meta},
+        )
 
 
 async def run_prompt(ctx: PromptContext, frame: PromptFrame, ticket: Ticket, scope: trio.CancelScope,
@@ -114,7 +153,7 @@ async def run_prompt(ctx: PromptContext, frame: PromptFrame, ticket: Ticket, sco
     usage = None
     if reply.generation is not None:
         counts = reply.generation.metrics
-        usage = {"prompt_tokens": counts.prompt_tokens, "cached_tokens": counts.cached_tokens,
+        usage = {"prompt_tokens": counts.prompt_tokens, "cached_tokens": counts.own_cached_tokens,
                  "generated_tokens": counts.generated_tokens}
     await ctx.send(frames.done(reply.request_id, reply.chat_id, reason, usage))
 
@@ -124,7 +163,10 @@ async def _flow(ctx: PromptContext, frame: PromptFrame, reply: _Reply) -> str:
     store = runtime.store
     assert store is not None
     if frame.chat_id:
-        _check_access(ctx.principal, await store.aio.load_chat(frame.chat_id))
+        try:
+            await chat_for(runtime, ctx.principal, frame.chat_id)
+        except ChatForbidden as forbidden:
+            raise Refused("chat_forbidden", str(forbidden)) from None
     await _admit(ctx, frame, reply)
 
     stored_attachments = frame.stored_attachments()
@@ -151,8 +193,10 @@ def _check_access(principal: Principal, chat: Chat | None) -> None:
 
 
 async def _admit(ctx: PromptContext, frame: PromptFrame, reply: _Reply) -> None:
-    """Anonymous sessions are rate-limited per device and per address; accounts spend their quota
-    (`ktulhu/auth/quota.py`, shared with the integrator APIs)."""
+    """Anonymous sessions are rate-limited per client address (the real client behind a trusted
+    proxy); accounts spend their quota (`ktulhu/auth/quota.py`, shared with the integrator APIs).
+    The device hash keys no budget: it is whatever a client sends, so a bucket keyed by it let
+    anyone lock a victim's device out by spending its tokens."""
     runtime = ctx.runtime
     settings = runtime.settings
     store = runtime.store
@@ -164,12 +208,10 @@ async def _admit(ctx: PromptContext, frame: PromptFrame, reply: _Reply) -> None:
         rate = settings.anon_rate
         if not rate:
             return
-        subjects = [("anon_ip", ctx.client)] + ([("anon_device", frame.device_hash)] if frame.device_hash else [])
-        for scope, subject in subjects:
-            decision = await store.aio.take_rate_token(scope, subject, capacity=rate, refill_per_s=rate / 60)
-            if not decision.allowed:
-                seconds = max(1, round(decision.retry_after_ms / 1000))
-                raise Refused("rate_limited", f"too many messages; try again in {seconds} s or sign in")
+        decision = await store.aio.take_rate_token("anon_ip", ctx.client, capacity=rate, refill_per_s=rate / 60)
+        if not decision.allowed:
+            seconds = max(1, round(decision.retry_after_ms / 1000))
+            raise Refused("rate_limited", f"too many messages; try again in {seconds} s or sign in")
         return
     try:
         reply.reservation = await quota.reserve(runtime, user)
@@ -210,23 +252,12 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
     history = (await store.aio.list_messages_for_chat(chat.id, last=settings.history_messages)
                if settings.history_messages else [])
 
-    message_id = reply.request_id
-    if await store.aio.find_message(chat.id, message_id) is not None:
-        message_id = str(uuid.uuid4())  # a reused request id never overwrites stored history
-    reply.user_message = await store.aio.save_message(Message(
-        id=message_id, chat_id=chat.id, session_id=frame.session_id or None,
-        user_id=ctx.principal.user_id, device_hash=frame.device_hash or None, role="user",
-        text=frame.text, language=result.language, attachments=attachments, ts=now_ms(),
-        meta=result.message_meta(),
-    ))
-    await store.aio.touch_chat(chat.id, frame.device_hash or None)
-
     newest = render_content(frame.text, attachment_notes(attachments))
     messages = [ChatMessage("system", system_prompt(result, frame.language)),
                 *history_turns(history), ChatMessage("user", newest)]
     params = SamplingParams.defaults(settings)
     try:
-        reply.generation = engine.chat(messages, params, chat_id=chat.id)
+        reply.generation = await engine.chat(messages, params, chat_id=chat.id)
     except Busy as busy:
         raise Refused("server_busy", str(busy)) from None
     except ContextTooLong as too_long:
@@ -236,10 +267,27 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
     except EngineClosed as closed:
         raise Refused("shutting_down", str(closed)) from None
     with reply.generation as generation:
+        # The user turn is stored once the engine has taken the prompt: a refused one (busy, too
+        # long) leaves no orphan turn that a retry would repeat and the model would read.
+        message_id = reply.request_id
+        if await store.aio.find_message(chat.id, message_id) is not None:
+            message_id = str(uuid.uuid4())  # a reused request id never overwrites stored history
+        reply.user_message = await store.aio.save_message(Message(
+            id=message_id, chat_id=chat.id, session_id=frame.session_id or None,
+            user_id=ctx.principal.user_id, device_hash=frame.device_hash or None, role="user",
+            text=frame.text, language=result.language, attachments=attachments, ts=now_ms(),
+            meta=result.message_meta(),
+        ))
+        await store.aio.touch_chat(chat.id, frame.device_hash or None)
+        checkpoint_at = trio.current_time() + CHECKPOINT_S
         try:
             async for piece in generation:
                 reply.parts.append(piece)
                 await ctx.send(reply.frame(type="assistant", token=piece))
+                if trio.current_time() >= checkpoint_at:  # what a kill -9 would otherwise lose
+                    await store.aio.save_message(reply.assistant_message(
+                        {"finish_reason": "interrupted", "incomplete": True}), existing_chat_only=True)
+                    checkpoint_at = trio.current_time() + CHECKPOINT_S
         except EngineClosed as closed:
             raise Refused("shutting_down", str(closed)) from None
         except EngineError as failed:
@@ -254,25 +302,21 @@ async def _finish(ctx: PromptContext, reply: _Reply, reason: str) -> None:
     store = runtime.store
     assert store is not None
     generation = reply.generation
-    if generation is None:
+    if generation is None or reply.user_message is None:
+        if generation is not None:
+            generation.cancel()
         if reply.reservation is not None:  # the model never ran: the message does not count
             await reply.reservation.refund()
         return
     generation.cancel()  # no-op when it finished; frees the slot at the next step otherwise
     cancelled = (generation.finished is None or generation.finished.reason == "cancelled"
                  or reason in ("cancelled", "shutting_down"))
-    counts = generation.metrics
-    meta = {"request_id": reply.request_id, "finish_reason": "cancelled" if cancelled else reason,
-            "prompt_tokens": counts.prompt_tokens, "generated_tokens": counts.generated_tokens,
-            "cancelled": cancelled}
-    text = "".join(reply.parts).strip()
-    assert reply.user_message is not None
-    await store.aio.save_message(Message(
-        id=str(uuid.uuid4()), chat_id=reply.chat_id, session_id=reply.user_message.session_id,
-        device_hash=reply.user_message.device_hash, role="assistant", text=text,
-        language=reply.user_message.language, ts=now_ms(), meta=meta,
-    ))
-    chat = await store.aio.touch_chat(reply.chat_id)
+    message = reply.assistant_message({"finish_reason": "cancelled" if cancelled else reason, "cancelled": cancelled})
+    text = message.text
+    saved = await store.aio.save_message(message, existing_chat_only=True)
+    chat = None if saved is None else await store.aio.touch_chat(reply.chat_id, existing_chat_only=True)
+    if chat is None:  # the chat was deleted while the reply was generated: it stays deleted
+        return
     summaries = runtime.summaries
     if text and summaries is not None and not (isinstance(chat.meta, dict) and chat.meta.get("has_summary")):
         summaries.request(reply.chat_id, reply.request_id)

@@ -32,7 +32,7 @@ from ..auth.principal import AuthError, Principal, authenticate_bearer
 from ..nurseries.runtime import Runtime
 from ..store.records import to_dict
 from . import frames
-from .access import may_use_chat
+from .access import ChatForbidden, chat_for
 from .frames import Cancel, FrameError, Ping, PromptFrame, Register, parse_frame
 from .prompt_flow import PromptContext, run_prompt
 from .turns import ChatBusy
@@ -66,10 +66,11 @@ class _Running:
 
 
 class ChatSession:
-    def __init__(self, runtime: Runtime, socket: Socket, principal: Principal, client: str) -> None:
+    def __init__(self, runtime: Runtime, socket: Socket, principal: Principal, client: str,
+                 credential: str | None = None) -> None:
         self.runtime = runtime
         self.socket = socket
-        self.ctx = PromptContext(runtime, principal, client, self._send)
+        self.ctx = PromptContext(runtime, principal, client, self._send, credential=credential)
         self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](runtime.settings.ws_queue)
         self._prompts: dict[str, _Running] = {}
         self._closing = False
@@ -126,7 +127,7 @@ class ChatSession:
     async def _read(self, prompts: trio.Nursery) -> None:
         while True:
             raw = await self.socket.receive()
-            if isinstance(raw, bytes):
+            if not isinstance(raw, str):  # bytes, or None for an empty binary frame (Quart's reading)
                 await self._send(frames.error("invalid_frame", "binary frames are not accepted; send JSON text"))
                 continue
             try:
@@ -151,6 +152,7 @@ class ChatSession:
         if frame.token is not None:
             try:
                 self.ctx.principal = await authenticate_bearer(self.runtime, frame.token)
+                self.ctx.credential = frame.token
             except AuthError as bad:
                 await self._send(frames.error(bad.code, bad.message))
         reply: dict[str, Any] = frames.system(
@@ -158,10 +160,10 @@ class ChatSession:
         if frame.chat_id:
             store = self.runtime.store
             assert store is not None
-            chat = await store.aio.load_chat(frame.chat_id)
-            if chat is not None and not may_use_chat(self.principal, chat):
-                await self._send(frames.error("chat_forbidden", "this chat belongs to another account",
-                                              chat_id=frame.chat_id))
+            try:
+                await chat_for(self.runtime, self.principal, frame.chat_id)
+            except ChatForbidden as forbidden:
+                await self._send(frames.error("chat_forbidden", str(forbidden), chat_id=frame.chat_id))
                 reply["history"] = []
             else:
                 limit = self.runtime.settings.register_history
@@ -186,6 +188,13 @@ class ChatSession:
             await self._send(frames.error("duplicate_request", "a prompt with this request_id is still running",
                                           request_id=rid, chat_id=frame.chat_id))
             return
+        if self.ctx.credential is not None:  # a key revoked or a user deleted since the socket opened
+            try:
+                self.ctx.principal = await authenticate_bearer(self.runtime, self.ctx.credential)
+            except AuthError as bad:
+                await self._send(frames.error(bad.code, bad.message, request_id=rid, chat_id=frame.chat_id))
+                await self._send(frames.done(rid, frame.chat_id, bad.code))
+                return
         # The place in the chat's line is taken now, in arrival order (a new chat gets its id here).
         try:
             ticket = self.runtime.turns.ticket(frame.chat_id or str(uuid.uuid4()))

@@ -140,7 +140,7 @@ class SummaryWorker:
                     ChatMessage("user", "\n".join((m.text or "").strip() for m in users))]
         params = SamplingParams.defaults(self.runtime.settings, temperature=0.0, max_tokens=MAX_TOKENS)
         with trio.move_on_after(GENERATION_TIMEOUT_S) as timer:
-            with engine.chat(messages, params, chat_id=ENGINE_KEY) as generation:
+            with await engine.chat(messages, params, chat_id=ENGINE_KEY) as generation:
                 text = await generation.text()
         if timer.cancelled_caught:  # an overloaded engine: this chat asks again after its next exchange
             self.failed += 1
@@ -149,7 +149,9 @@ class SummaryWorker:
         title = clean_title(text)
         if not title:
             return
-        message = await store.aio.replace_summary(job.chat_id, title, language=language)
-        chat = await store.aio.touch_chat(job.chat_id)
+        message = await store.aio.replace_summary(job.chat_id, title, language=language, existing_chat_only=True)
+        chat = None if message is None else await store.aio.touch_chat(job.chat_id, existing_chat_only=True)
+        if chat is None:  # deleted while its title was made: it stays deleted
+            return
         self.made += 1
         self.hub.publish(SummaryEvent(chat, message, job.request_id))

@@ -6,6 +6,8 @@
 
 `generate()` puts a request into a bounded memory channel (`KTULHU_QUEUE`); when it is full the
 caller gets `Busy` at once, nothing queued. A request waits there until a worker has a free slot.
+Chat prompts are rendered, tokenised and trimmed on worker threads (`build_prompt`, `chat`), at
+most `PROMPT_THREADS` at once, so a huge conversation never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from .request import Busy, EngineClosed, Finished, Generation
 from .sampling import SamplingParams
 from .worker import DecodeWorker, WorkerStats, physical_cores
 
-__all__ = ["Engine", "EngineStats"]
+__all__ = ["PROMPT_THREADS", "Engine", "EngineStats"]
 
 log = logging.getLogger("ktulhu.engine")
+
+#: Prompts built at once (worker threads); more wait their turn. Tokenisation releases the GIL, so
+#: two keep a second core busy without starving the event loop or the decode threads.
+PROMPT_THREADS = 2
+#: Bound on waiting, at shutdown, for prompt threads that cancelled callers left running.
+PROMPT_STOP_TIMEOUT_S = 10.0
 
 
 @attrs.frozen
@@ -57,6 +65,9 @@ class Engine:
         self.settings = settings
         self.n_ctx_seq = min(settings.ctx, model.info.n_ctx_train) if model.info.n_ctx_train > 0 else settings.ctx
         self.prompts = prompt_builder or _prompt_builder(model, settings)
+        #: Bounds the worker threads building prompts (`build_prompt`).
+        self.prompt_limiter = trio.CapacityLimiter(PROMPT_THREADS)
+        self._prompts_closed = False
         self._send, self._receive = trio.open_memory_channel[Generation](settings.queue)
         self._workers: list[DecodeWorker] = []
         self._running = False
@@ -91,6 +102,7 @@ class Engine:
                     self._receive.receive_nowait().fail(EngineClosed("the server is shutting down"))
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            await self._stop_prompts()
 
     async def _run_worker(self, worker: DecodeWorker) -> None:
         try:
@@ -99,6 +111,17 @@ class Engine:
             worker.stop()
             with trio.CancelScope(shield=True):  # the context is freed by its own thread: wait for it
                 await trio.to_thread.run_sync(worker.stopped.wait, 10.0)
+
+    async def _stop_prompts(self) -> None:
+        """The model is freed after `run` returns, so no prompt thread may still be tokenising with it:
+        new builds are refused, and all limiter tokens are taken (a thread its cancelled caller
+        abandoned holds one until it has really stopped), within a bound."""
+        self._prompts_closed = True
+        with trio.CancelScope(shield=True), trio.move_on_after(PROMPT_STOP_TIMEOUT_S) as waited:
+            for _ in range(PROMPT_THREADS):
+                await self.prompt_limiter.acquire_on_behalf_of(object())
+        if waited.cancelled_caught:
+            log.warning("a prompt thread was still busy %g s after the engine stopped", PROMPT_STOP_TIMEOUT_S)
 
     async def _feed(self, worker: DecodeWorker, slots_free: trio.Semaphore) -> None:
         async for gen in self._receive:
@@ -114,9 +137,20 @@ class Engine:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def build_prompt(self, messages: Sequence[ChatMessage], max_tokens: int) -> Prompt:
-        """Chat messages -> tokens within the slot's context (raises `PromptError`/`ContextTooLong`)."""
-        return self.prompts.build(messages, n_ctx=self.n_ctx_seq, max_tokens=max_tokens)
+    async def build_prompt(self, messages: Sequence[ChatMessage], max_tokens: int) -> Prompt:
+        """Chat messages -> tokens within the slot's context (raises `PromptError`/`ContextTooLong`,
+        `EngineClosed` once the engine has stopped).
+
+        Runs on a worker thread under `prompt_limiter`: its cost grows with the conversation. A
+        cancelled caller returns at once; the thread stops at its next step (it polls for the
+        cancellation between tokenizer calls) and only then gives its limiter token back.
+        """
+        if self._prompts_closed:
+            raise EngineClosed("the engine is not running")
+        messages = tuple(messages)  # the thread reads a snapshot, never a list the caller changes
+        build = functools.partial(self.prompts.build, messages, n_ctx=self.n_ctx_seq, max_tokens=max_tokens,
+                                  check=trio.from_thread.check_cancelled)
+        return await trio.to_thread.run_sync(build, limiter=self.prompt_limiter, abandon_on_cancel=True)
 
     def generate(self, tokens: Sequence[int], params: SamplingParams, *, chat_id: str | None = None) -> Generation:
         """Queue a generation and return its handle (use `with`); raises `Busy` when the queue is full."""
@@ -124,11 +158,11 @@ class Engine:
             raise EngineClosed("the engine is not running")
         if not tokens:
             raise PromptError("empty prompt")
+        if len(tokens) >= self.n_ctx_seq:  # first: the scan below is then bounded by the context
+            raise ContextTooLong(len(tokens) + 1, self.n_ctx_seq)
         n_vocab = self.model.info.n_vocab
         if any(not 0 <= t < n_vocab for t in tokens):
             raise PromptError(f"token ids must be from 0 to {n_vocab - 1}")
-        if len(tokens) >= self.n_ctx_seq:
-            raise ContextTooLong(len(tokens) + 1, self.n_ctx_seq)
         gen = Generation.create(tokens, params, chat_id)
         try:
             self._send.send_nowait(gen)
@@ -136,8 +170,10 @@ class Engine:
             raise Busy(f"the server is busy ({self.settings.queue} requests waiting); try again shortly") from None
         return gen
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *, chat_id: str | None = None) -> Generation:
-        prompt = self.build_prompt(messages, params.max_tokens)
+    async def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
+                   chat_id: str | None = None) -> Generation:
+        """Build the prompt (`build_prompt`, off the trio thread) and queue its generation (`generate`)."""
+        prompt = await self.build_prompt(messages, params.max_tokens)
         if prompt.max_tokens < params.max_tokens:
             params = attrs.evolve(params, max_tokens=prompt.max_tokens)
         return self.generate(prompt.tokens, params, chat_id=chat_id)

@@ -29,6 +29,11 @@ class EngineError(Exception):
     """Generation failed; the message is safe to show to the user."""
 
 
+class GrammarDeadEnd(EngineError):
+    """The request's grammar admits no token at some point (e.g. it demands a byte no token spells):
+    the caller's grammar is at fault, not the engine."""
+
+
 class Busy(EngineError):
     """The admission queue is full. Nothing was queued; the caller may retry shortly."""
 
@@ -48,6 +53,9 @@ class RequestMetrics:
     last_token: float | None = None
     finished: float | None = None
     cached_tokens: int = 0
+    #: The part of `cached_tokens` this request's own chat left in the slot: the only figure a
+    #: client is shown (a prefix shared with another chat would tell what that chat's text began with).
+    own_cached_tokens: int = 0
     generated_tokens: int = 0
     gaps: list[float] = attrs.field(factory=list)
     cancel_requested: float | None = None

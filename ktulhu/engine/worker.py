@@ -30,7 +30,7 @@ import trio
 from . import llama_log
 from .model import Model
 from .output import OutputFilter
-from .request import EngineClosed, EngineError, Finished, Generation
+from .request import EngineClosed, EngineError, Finished, Generation, GrammarDeadEnd
 from .sampling import TokenSampler
 
 __all__ = ["DecodeWorker", "WorkerStats", "physical_cores"]
@@ -360,6 +360,7 @@ class DecodeWorker:
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
                 reuse = 0
             del slot.cached[reuse:]
+        own = gen.chat_id is not None and slot.chat_id == gen.chat_id
         slot.chain = chain
         slot.gen = gen
         slot.chat_id = gen.chat_id
@@ -368,6 +369,7 @@ class DecodeWorker:
         slot.max_tokens = min(gen.params.max_tokens, self.n_ctx_seq - len(prompt))
         gen.metrics.admitted = time.perf_counter()
         gen.metrics.cached_tokens = reuse
+        gen.metrics.own_cached_tokens = reuse if own else 0
 
     def _choose_slot(self, prompt: list[int], chat_id: str | None) -> _Slot:
         """A free slot for `prompt`, losing as little cached work as possible.
@@ -394,7 +396,7 @@ class DecodeWorker:
     def _sampled(self, slot: _Slot, token: int | None, now: float) -> None:
         gen = slot.gen
         if token is None:
-            self._finish(slot, "error", error=EngineError("the grammar allows no further text at this point"))
+            self._finish(slot, "error", error=GrammarDeadEnd("the grammar allows no further text at this point"))
             return
         metrics = gen.metrics
         if metrics.first_token is None:

@@ -21,7 +21,8 @@ from ..auth.admin import check_admin
 from ..metrics import engine_panel
 from ..nurseries.runtime import Runtime
 from ..store.records import Message, User, to_dict
-from .errors import check_path_id, json_body, json_response, raise_error
+from .cors import refuse_cross_site_admin
+from .errors import check_path_id, json_body, json_response, query_limit, raise_error
 from .identity import client_address
 from ..templates import render_page
 
@@ -41,6 +42,7 @@ def require_admin(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        refuse_cross_site_admin()
         check = await check_admin(current_runtime(), request.headers.get("Authorization"), client_address())
         if check.status == 401:
             raise_error(401, "unauthorized", check.message or "unauthorized",
@@ -190,14 +192,7 @@ async def doctor() -> Response:
 @blueprint.get("/internal/admin/last")
 @require_admin
 async def last_messages() -> Response:
-    raw = request.args.get("limit")
-    limit = LAST_DEFAULT
-    if raw is not None:
-        try:
-            limit = int(raw)
-        except ValueError:
-            raise_error(400, "invalid_query", "`limit` must be a whole number")
-    limit = max(LAST_MIN, min(LAST_MAX, limit))
+    limit = query_limit("limit", LAST_DEFAULT, LAST_MIN, LAST_MAX)
     store = _runtime_store(current_runtime())
     messages = await store.aio.list_recent_messages(limit)
     return json_response({"limit": limit, "count": len(messages), "messages": [_message_json(m) for m in messages]})

@@ -3,8 +3,10 @@
 A chat id in the path is checked first (400 for an unsafe id). The caller is resolved from the
 `Authorization` header: HTTP Basic = the admin (every chat), Bearer = a user (their chats and
 anonymous ones), none = anonymous (anonymous chats only, by id). A chat of another account is 403;
-a chat that does not exist reads as empty, as in the original. Listings by device or user need the
-device's or user's own credential, or the admin, or `KTULHU_OPEN_LISTINGS=1`.
+a chat that does not exist reads as empty, as in the original; one whose record cannot be read is
+403 for everyone but the admin. A device listing shows a signed-in user only their own chats on it
+(a device hash proves nothing); the admin or `KTULHU_OPEN_LISTINGS=1` sees every chat. Listings by
+user need that user or the admin.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from quart import Blueprint, Response
 
 from ..app_state import current_runtime
 from ..auth.principal import Principal
-from ..chat.access import may_list_device, may_use_chat, visible_chats
+from ..chat.access import ChatForbidden, chat_for, listable_chats, lists_everything
 from ..chat.hub import SummaryEvent
 from ..store import Store
 from ..store.records import Chat, to_dict
@@ -41,10 +43,10 @@ async def _chat_for(chat_id: str) -> tuple[Principal, Chat | None]:
     """The caller and the chat, or 401/403 (an unknown chat is None: anyone may see it is empty)."""
     check_path_id(chat_id, "chat id")
     principal = await request_principal()
-    chat = await _store().aio.load_chat(chat_id)
-    if not may_use_chat(principal, chat):
-        raise_error(403, "chat_forbidden", "this chat belongs to another account")
-    return principal, chat
+    try:
+        return principal, await chat_for(current_runtime(), principal, chat_id)
+    except ChatForbidden as forbidden:
+        raise_error(403, "chat_forbidden", str(forbidden))
 
 
 def _messages(messages: list[Any]) -> list[dict[str, Any]]:
@@ -118,22 +120,22 @@ async def put_liked(chat_id: str, message_id: str) -> Response:
     return json_response({"chat_id": chat_id, "message_id": message_id, "liked": liked, "updated": True})
 
 
-async def _device_listing(device_hash: str) -> Principal:
+async def _device_chats(device_hash: str) -> list[Chat]:
+    """The device's chats the caller may list: all for the admin (or single-user mode), else only
+    the caller's own. A device hash is self-asserted, so it never unlocks anonymous chats."""
     check_path_id(device_hash, "device hash")
     principal = await request_principal()
-    if not await may_list_device(current_runtime(), principal, device_hash):
-        if principal.user_id is None:
-            raise_error(401, "login_required", "listing a device's chats needs the account that signed in "
-                                               "on it, or admin credentials")
-        raise_error(403, "device_forbidden", "this device is not registered to your account")
-    return principal
+    runtime = current_runtime()
+    if principal.user_id is None and not lists_everything(runtime, principal):
+        raise_error(401, "login_required", "listing a device's chats needs a signed-in user (their own chats "
+                                           "on it) or admin credentials")
+    return listable_chats(runtime, principal, await _store().aio.list_chats_for_device(device_hash))
 
 
 @blueprint.get("/internal/chats/by-device/<device_hash>")
 async def chats_by_device(device_hash: str) -> Response:
-    principal = await _device_listing(device_hash)
+    chats = await _device_chats(device_hash)
     store = _store()
-    chats = visible_chats(principal, await store.aio.list_chats_for_device(device_hash))
     entries = []
     for chat in chats:
         summary = await store.aio.chat_summary(chat.id)
@@ -146,10 +148,8 @@ async def chats_by_device(device_hash: str) -> Response:
 @blueprint.get("/internal/messages/by-device/<device_hash>")
 @blueprint.get("/messages/by-device/<device_hash>")
 async def messages_by_device(device_hash: str) -> Response:
-    principal = await _device_listing(device_hash)
-    store = _store()
-    visible = {c.id for c in visible_chats(principal, await store.aio.list_chats_for_device(device_hash))}
-    messages = [m for m in await store.aio.list_messages_for_device(device_hash) if m.chat_id in visible]
+    visible = {c.id for c in await _device_chats(device_hash)}
+    messages = [m for m in await _store().aio.list_messages_for_device(device_hash) if m.chat_id in visible]
     return json_response({"device_hash": device_hash, "messages": _messages(messages)})
 
 
@@ -161,5 +161,11 @@ async def chats_by_user(user_id: str) -> Response:
         if principal.user_id is None:
             raise_error(401, "login_required", "sign in as this user, or use admin credentials")
         raise_error(403, "user_forbidden", "you may list only your own chats")
-    chats = visible_chats(principal, await _store().aio.list_chats_for_user(user_id))
+    # the original's definition (owned plus the chats of the user's devices) is the admin's view;
+    # a user sees the chats they own: a device they signed in on proves nothing about its chats
+    store = _store()
+    if lists_everything(current_runtime(), principal):
+        chats = await store.aio.list_chats_for_user(user_id)
+    else:
+        chats = await store.aio.list_chats_owned_by(user_id)
     return json_response({"user_id": user_id, "count": len(chats), "chats": [to_dict(c) for c in chats]})

@@ -15,8 +15,10 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
 from ..app_state import RUNTIME_KEY
+from .errors import raise_error
 
-__all__ = ["DEFAULT_ORIGINS", "allowed_origins", "install", "origin_allowed", "websocket_origin_allowed"]
+__all__ = ["DEFAULT_ORIGINS", "allowed_origins", "install", "origin_allowed", "refuse_cross_site_admin",
+           "websocket_origin_allowed"]
 
 #: Used when the file is missing or lists nothing (the original's defaults).
 DEFAULT_ORIGINS = frozenset({
@@ -55,6 +57,16 @@ def websocket_origin_allowed(allowed_file: Path) -> bool:
     """Cross-site WebSocket use is refused: a browser's upgrade must come from an allowed origin."""
     origin = websocket.headers.get("Origin")
     return origin is None or origin_allowed(origin, websocket.host, allowed_origins(allowed_file))
+
+
+def refuse_cross_site_admin() -> None:
+    """Admin credentials are honoured only from this server's own pages or non-browser clients.
+
+    A browser attaches cached Basic credentials to a credentialed cross-origin request, so any
+    allowed origin could otherwise drive the admin JSON with the operator's session."""
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(origin, request.host, frozenset()):
+        raise_error(403, "cross_site_admin", "admin credentials are accepted only from this server's own pages")
 
 
 def install(app: QuartTrio) -> None:

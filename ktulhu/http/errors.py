@@ -7,6 +7,7 @@ bodies go through `json_body`, which answers 415 (not JSON), 400 (malformed), 41
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -16,7 +17,8 @@ from werkzeug.exceptions import HTTPException
 
 from ..store.keys import is_valid_id
 
-__all__ = ["ApiError", "FieldSpec", "check_path_id", "json_body", "json_error", "json_response", "raise_error"]
+__all__ = ["ApiError", "FieldSpec", "check_path_id", "framework_error", "json_body", "json_error", "json_response",
+           "query_limit", "raise_error"]
 
 #: Largest JSON body any route accepts unless it says otherwise.
 MAX_BODY_BYTES = 1 << 20
@@ -55,6 +57,24 @@ def check_path_id(value: str, what: str) -> str:
     if not is_valid_id(value):
         raise_error(400, "invalid_id", f"invalid {what}: use 1-128 characters from A-Z a-z 0-9 _ -")
     return value
+
+
+def query_limit(name: str, default: int, lo: int, hi: int, *, code: str = "invalid_query") -> int:
+    """A whole-number query parameter clamped to [lo, hi], or 400. Only ASCII digits, at most 9 of them:
+    `str.isdigit` accepts `²` and `int()` refuses 5,000-digit strings, both of which were 500s."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,9}", raw):
+        raise_error(400, code, f"`{name}` must be a whole number from {lo} to {hi}")
+    return min(max(int(raw), lo), hi)
+
+
+def framework_error(error: HTTPException) -> Response:
+    """A werkzeug/Quart HTTP error (404, 405, 413 ...) as `{"error","message"}`."""
+    code = re.sub(r"[^a-z0-9]+", "_", (error.name or "error").lower()).strip("_")
+    headers = {"Connection": "close"} if error.code == 413 else None  # the unread body would follow
+    return json_error(error.code or 500, code, error.description or error.name or "error", headers=headers)
 
 
 def _too_large(max_bytes: int) -> NoReturn:

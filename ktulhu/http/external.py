@@ -26,7 +26,7 @@ from ..auth.quota import usage
 from ..engine.prompt import ChatMessage
 from ..engine.sampling import SamplingParams
 from ..store.records import ApiKey, User
-from .errors import ApiError, json_body, json_error, json_response
+from .errors import ApiError, framework_error, json_body, json_error, json_response
 
 __all__ = ["blueprint"]
 
@@ -60,8 +60,7 @@ async def _unexpected(error: Exception) -> Response:
     if isinstance(error, ApiError):  # the app's JSON errors (bodies, auth)
         return error.get_response()
     if isinstance(error, HTTPException):
-        code = (error.name or "error").lower().replace(" ", "_")
-        return json_error(error.code or 500, code, error.description or error.name or "error")
+        return framework_error(error)
     log.exception("external API request failed")
     return json_error(500, "internal_error", "the request failed on the server; it has been logged")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from quart import Blueprint
 
 from ..app_state import current_runtime
+from .metrics import sees_internals
 
 __all__ = ["blueprint"]
 
@@ -19,10 +20,14 @@ async def healthz() -> tuple[dict, int]:
 @blueprint.get("/readyz")
 async def readyz() -> tuple[dict, int]:
     """503 until every component is usable; then also the status of each `ktulhu doctor` check
-    (the details and fixes are on the admin overview, not public)."""
+    (the details and fixes are on the admin overview). Component details (paths, model, router)
+    only for the operator (`sees_internals`)."""
     runtime = current_runtime()
     readiness = runtime.readiness
+    snapshot = readiness.snapshot()
+    if not await sees_internals():  # paths, model and router details are the operator's
+        snapshot["components"] = {name: {"status": c["status"]} for name, c in snapshot["components"].items()}
     if not readiness.ready:
-        return readiness.snapshot(), 503
+        return snapshot, 503
     report = await runtime.doctor.report()
-    return {**readiness.snapshot(), "doctor": report.statuses()}, 200
+    return {**snapshot, "doctor": report.statuses()}, 200

@@ -7,9 +7,10 @@ from quart import request, websocket
 from ..app_state import current_runtime
 from ..auth.admin import check_admin
 from ..auth.principal import ANONYMOUS, AuthError, Kind, Principal, authenticate_bearer, bearer_token
+from .cors import refuse_cross_site_admin
 from .errors import raise_error
 
-__all__ = ["client_address", "request_principal", "websocket_principal"]
+__all__ = ["client_address", "request_principal", "websocket_credential", "websocket_principal"]
 
 
 def client_address() -> str:
@@ -23,9 +24,11 @@ async def request_principal() -> Principal:
     if header is None:
         return ANONYMOUS
     if header.strip().lower().startswith("basic "):
+        refuse_cross_site_admin()
         check = await check_admin(runtime, header, client_address())
         if not check.ok:
-            headers = {"WWW-Authenticate": 'Basic realm="Internal"'} if check.status == 401 else None
+            headers = {"WWW-Authenticate": 'Basic realm="Internal"'} if check.status == 401 else (
+                {"Retry-After": str(check.retry_after)} if check.retry_after else None)
             code = {401: "unauthorized", 429: "rate_limited"}.get(check.status, "admin_not_configured")
             raise_error(check.status, code, check.message, headers)
         return Principal(Kind.ADMIN)
@@ -37,10 +40,15 @@ async def request_principal() -> Principal:
         raise_error(401, exc.code, exc.message)
 
 
+def websocket_credential() -> str | None:
+    """A WebSocket's credential: `Authorization: Bearer ...` or the `token` query parameter (browsers
+    cannot set headers on WebSockets). Raises `AuthError` for a malformed header."""
+    return bearer_token(websocket.headers.get("Authorization")) or websocket.args.get("token") or None
+
+
 async def websocket_principal() -> Principal:
-    """A WebSocket's caller: `Authorization: Bearer ...` or the `token` query parameter (browsers
-    cannot set headers on WebSockets); none = anonymous. Raises `AuthError` for a bad credential."""
-    credential = bearer_token(websocket.headers.get("Authorization")) or websocket.args.get("token") or None
+    """A WebSocket's caller; none = anonymous. Raises `AuthError` for a bad credential."""
+    credential = websocket_credential()
     if credential is None:
         return ANONYMOUS
     return await authenticate_bearer(current_runtime(), credential)

@@ -1,11 +1,14 @@
 """`/metrics` (Prometheus text exposition) and the request counter every HTTP route feeds.
 
 Requests are labelled by their URL rule (`/chat-thread/<chat_id>`), never the raw path, so client
-ids cannot blow up the number of series; unmatched paths share one label.
+ids cannot blow up the number of series; unmatched paths share one label. Scrapes come from this host,
+the admin, or a remote Prometheus with KTULHU_METRICS_TOKEN.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -13,8 +16,10 @@ from quart import Blueprint, Quart, Response, current_app, g, request
 
 from .. import metrics
 from ..app_state import RUNTIME_KEY
+from .errors import raise_error
+from .identity import client_address, request_principal
 
-__all__ = ["blueprint", "install"]
+__all__ = ["blueprint", "install", "sees_internals"]
 
 blueprint = Blueprint("metrics", __name__)
 
@@ -25,8 +30,33 @@ def _runtime():  # the runtime may be attached after create_app (ktulhu.asgi)
     return current_app.extensions.get(RUNTIME_KEY)
 
 
+async def sees_internals() -> bool:
+    """Operational detail (metrics, `/readyz` paths) is for the operator: a client on this host
+    talking to the server directly (a local Prometheus), the admin, or the bearer of
+    KTULHU_METRICS_TOKEN. Everyone else learns only what a load balancer needs. A request that
+    came through a proxy (it carries X-Forwarded-For) is never "on this host", so a reverse proxy
+    on the same machine does not open the metrics to the internet."""
+    try:
+        if "X-Forwarded-For" not in request.headers and ipaddress.ip_address(client_address()).is_loopback:
+            return True
+    except ValueError:
+        pass
+    header = request.headers.get("Authorization", "")
+    scheme, _, credential = header.strip().partition(" ")
+    token = current_app.extensions[RUNTIME_KEY].settings.metrics_token
+    if scheme.lower() == "bearer" and token:
+        return hmac.compare_digest(credential.strip().encode(), token.encode())
+    if scheme.lower() == "basic":
+        return (await request_principal()).is_admin
+    return False
+
+
 @blueprint.get("/metrics")
 async def scrape() -> Response:
+    if not await sees_internals():
+        raise_error(403, "metrics_forbidden", "metrics are for the operator: scrape from this host, with "
+                                              "admin credentials, or with Authorization: Bearer "
+                                              "<KTULHU_METRICS_TOKEN>")
     metrics.install_collector(_runtime())
     return Response(generate_latest(REGISTRY), status=200, content_type=CONTENT_TYPE_LATEST)
 

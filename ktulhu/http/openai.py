@@ -82,7 +82,8 @@ async def _error(error: Exception) -> Response:
         return openai_error(error.code, error.error_code, error.message, param=_param_of(error.message),
                             headers=error.extra_headers)
     if isinstance(error, HTTPException):
-        return openai_error(error.code or 500, None, error.description or error.name or "error")
+        headers = {"Connection": "close"} if error.code == 413 else None  # the unread body would follow
+        return openai_error(error.code or 500, None, error.description or error.name or "error", headers=headers)
     log.exception("OpenAI-compatible request failed")
     return openai_error(500, "internal_error", "the request failed on the server; it has been logged")
 
@@ -245,7 +246,9 @@ def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None) -> b
 
 async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
     """`data: {chunk}` events (role first, then content deltas, then the finish reason), an
-    optional usage chunk, then `data: [DONE]`. A failure mid-stream is an `error` object event."""
+    optional usage chunk, then `data: [DONE]`. A failure mid-stream is an `error` object event
+    (typed like the HTTP error it would have been: a grammar no token completes is the request's
+    fault, `invalid_request_error`; the headers left when the request was admitted)."""
     with paid:
         yield _chunk(meta, {"role": "assistant", "content": ""}, None)
         try:
@@ -253,7 +256,8 @@ async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: boo
                 async for piece in pieces:
                     yield _chunk(meta, {"content": piece}, None)
         except Problem as problem:
-            error = {"error": {"message": problem.message, "type": "server_error", "param": None, "code": problem.code}}
+            kind = _TYPES.get(problem.status, "server_error")
+            error = {"error": {"message": problem.message, "type": kind, "param": None, "code": problem.code}}
             yield b"data: " + orjson.dumps(error) + b"\n\n"
             yield b"data: [DONE]\n\n"
             return

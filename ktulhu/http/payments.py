@@ -3,8 +3,10 @@
 - `GET /payment/config` -> `{"publishable_key"}`.
 - `POST /payment/create-checkout-session` (JWT or API key) -> `{"session_id", "checkout_url"}`.
 - `POST /payment/activate` `{"session_id"}` (JWT or API key) -> `{"user_id", "role", "updated"}`: the
-  caller's own paid session upgrades the caller (never demotes an admin).
-- `POST /payment/webhook`: Stripe-signed events (`STRIPE_WEBHOOK_SECRET`), each applied once.
+  caller's own paid session upgrades the caller while its subscription is active (never demotes an
+  admin).
+- `POST /payment/webhook`: Stripe-signed events (`STRIPE_WEBHOOK_SECRET`), each applied once, and
+  marked handled only together with its change.
 - `GET /payment/success`, `GET /payment/cancel`: where Checkout sends the browser back.
 
 Without the three Stripe settings every route except the pages answers 503 `payments_not_configured`;
@@ -23,9 +25,11 @@ from ..app_state import current_runtime
 from ..auth.principal import AuthError, Principal, authenticate_bearer, bearer_token
 from ..nurseries.runtime import Runtime
 from ..payments.gateway import StripeFailure, StripeGateway
-from ..payments.plans import is_paid, session_user_id, to_paid, valid_session_id
+from ..payments.plans import (ACTIVE_SUBSCRIPTION, CheckoutAlreadyUsed, is_paid, session_user_id, stripe_id, to_paid,
+                              to_paid_once, valid_session_id, valid_subscription_id)
 from ..payments.webhooks import apply_event
-from ..store.errors import InvalidId
+from ..store.keys import is_valid_id
+from ..store.records import User
 from ..templates import render_page
 from .errors import json_body, json_response, raise_error
 
@@ -85,6 +89,10 @@ async def create_checkout_session() -> Response:
 
 @blueprint.post("/payment/activate")
 async def activate() -> Response:
+    """Upgrade the caller from its own paid checkout session, checked against Stripe now: the session
+    must be paid and, for a subscription, the subscription `active` or `trialing` at this moment
+    (409 `subscription_inactive` otherwise); a one-time session upgrades an account once (409
+    `session_already_used` when replayed after a downgrade). Every refusal changes nothing."""
     runtime = current_runtime()
     principal = await _user(runtime)
     assert principal.user is not None and runtime.store is not None
@@ -95,8 +103,9 @@ async def activate() -> Response:
     if not valid_session_id(session_id):
         raise_error(400, "invalid_session_id", "`session_id` is not a Stripe Checkout session id (cs_...)")
     _configured(runtime)
+    gateway = StripeGateway(runtime.settings)
     try:
-        session = await StripeGateway(runtime.settings).retrieve_checkout_session(session_id)
+        session = await gateway.retrieve_checkout_session(session_id)
     except StripeFailure as exc:
         _stripe_failed(exc)
     owner = session_user_id(session)
@@ -106,11 +115,41 @@ async def activate() -> Response:
         raise_error(403, "session_owner_mismatch", "this checkout session belongs to another user")
     if not is_paid(session):
         raise_error(400, "session_not_paid", "the checkout session is not paid yet")
+    customer = session.get("customer")
+    if session.get("mode") == "subscription":
+        subscription_id = stripe_id(session.get("subscription"))
+        if subscription_id is None or not valid_subscription_id(subscription_id):
+            raise_error(400, "session_not_paid", "the checkout session has no subscription yet")
+        try:
+            subscription = await gateway.retrieve_subscription(subscription_id)
+        except StripeFailure as exc:
+            _stripe_failed(exc)
+        sub_owner = session_user_id({"metadata": subscription.get("metadata")})
+        if sub_owner is not None and sub_owner != owner:
+            raise_error(403, "session_owner_mismatch", "this subscription belongs to another user")
+        status = subscription.get("status")
+        if status == "incomplete":
+            raise_error(400, "session_not_paid", "the subscription's first payment is still processing")
+        if status not in ACTIVE_SUBSCRIPTION:
+            raise_error(409, "subscription_inactive",
+                        f"the subscription of this checkout is {status if isinstance(status, str) else 'not active'}; "
+                        "nothing changed (start a new checkout to upgrade)")
+
+        def change(user: User) -> User:
+            return to_paid(user, customer, subscription_id)
+    else:
+        def change(user: User) -> User:
+            return to_paid_once(user, session_id, customer)
+
     before = await runtime.store.aio.load_user(owner)
     if before is None:
         raise_error(404, "user_not_found", "the signed-in account no longer exists")
-    customer, subscription = session.get("customer"), session.get("subscription")
-    user = await runtime.store.aio.update_user(owner, lambda u: to_paid(u, customer, subscription))
+    try:
+        user = await runtime.store.aio.update_user(owner, change)
+    except CheckoutAlreadyUsed:
+        raise_error(409, "session_already_used",
+                    "this payment upgraded the account before and the account was moved back to free since; "
+                    "nothing changed")
     if user is None:
         raise_error(404, "user_not_found", "the signed-in account no longer exists")
     updated = (user.role, user.stripe_customer_id, user.stripe_subscription_id) != (
@@ -144,13 +183,16 @@ async def webhook() -> Response:
         raise_error(400, "invalid_payload", "the webhook body is not JSON")
     if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
         raise_error(400, "invalid_payload", "the webhook body is not a Stripe event")
-    try:
-        first = await runtime.store.aio.record_stripe_event(event["id"], event["type"])
-    except InvalidId:
+    if not is_valid_id(event["id"]):
         raise_error(400, "invalid_payload", "the event id is not valid")
-    if not first:
+    store = runtime.store
+    if await store.aio.run(store.stripe_event_seen, event["id"]):
         return json_response({"received": True, "duplicate": True})
+    # The event is recorded together with its change (or after deciding it has none), never
+    # before: if anything fails here the answer is 500 and Stripe's retry applies it.
     outcome = await apply_event(runtime, event)
+    if outcome.action == "duplicate":
+        return json_response({"received": True, "duplicate": True})
     log.info("stripe webhook %s %s -> %s", event["type"], event["id"], outcome.action)
     return json_response({"received": True, "action": outcome.action})
 

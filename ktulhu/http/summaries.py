@@ -11,15 +11,15 @@ import logging
 
 import orjson
 import trio
-from quart import Blueprint, Response, request, websocket
+from quart import Blueprint, Response, websocket
 
 from ..app_state import current_runtime
-from ..auth.principal import AuthError, Principal
-from ..chat.access import may_use_chat
+from ..auth.principal import AuthError
+from ..chat.access import lists_everything, may_use_chat
 from ..store.keys import is_valid_id
 from ..store.records import Chat
 from .cors import websocket_origin_allowed
-from .errors import json_error, json_response, raise_error
+from .errors import json_error, json_response, query_limit, raise_error
 from .identity import request_principal, websocket_principal
 from .ws import origin_refused
 
@@ -35,20 +35,13 @@ MAX_LIMIT = 200
 MAX_FOLLOWED = 256
 
 
-def _lists_everything(principal: Principal) -> bool:
-    return principal.is_admin or current_runtime().settings.open_listings
-
-
 @blueprint.get("/chat-summary/last")
 async def last_summaries() -> Response:
     principal = await request_principal()
-    raw_limit = request.args.get("limit", str(DEFAULT_LIMIT))
-    if not raw_limit.isdigit():
-        raise_error(400, "invalid_limit", f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    limit = min(max(int(raw_limit), 1), MAX_LIMIT)
+    limit = query_limit("limit", DEFAULT_LIMIT, 1, MAX_LIMIT, code="invalid_limit")
     store = current_runtime().store
     assert store is not None
-    if _lists_everything(principal):
+    if lists_everything(current_runtime(), principal):
         chats = await store.aio.list_recent_chats(limit)
     elif principal.user_id is not None:
         chats = (await store.aio.list_chats_owned_by(principal.user_id))[:limit]
@@ -72,7 +65,7 @@ async def summary_socket() -> Response | None:
     except AuthError as bad:
         return json_error(401, bad.code, bad.message)
     followed = {c for c in websocket.args.getlist("chat_id") if is_valid_id(c)}
-    everything = _lists_everything(principal)
+    everything = lists_everything(current_runtime(), principal)
 
     def accepts(chat: Chat) -> bool:
         if everything:

@@ -14,11 +14,11 @@ from quart import Blueprint, Response, websocket
 
 from .. import metrics
 from ..app_state import current_runtime
-from ..auth.principal import AuthError
+from ..auth.principal import ANONYMOUS, AuthError, authenticate_bearer
 from ..chat.session import ChatSession, StalledReader
 from .cors import websocket_origin_allowed
 from .errors import json_error
-from .identity import websocket_principal
+from .identity import websocket_credential
 
 __all__ = ["blueprint"]
 
@@ -39,11 +39,12 @@ async def chat_socket() -> Response | None:
     if runtime.shutting_down.is_set():
         return json_error(503, "shutting_down", "the server is restarting")
     try:
-        principal = await websocket_principal()
+        credential = websocket_credential()
+        principal = ANONYMOUS if credential is None else await authenticate_bearer(runtime, credential)
     except AuthError as bad:
         return json_error(401, bad.code, bad.message)
     await websocket.accept()
-    session = ChatSession(runtime, websocket, principal, websocket.remote_addr or "unknown")
+    session = ChatSession(runtime, websocket, principal, websocket.remote_addr or "unknown", credential)
     metrics.WS_SESSIONS.inc()
     try:
         await session.run()

@@ -17,12 +17,14 @@ import attrs
 import trio
 from quart_trio import QuartTrio
 
+from ..app import attach_runtime
 from ..app_state import RUNTIME_KEY
 from ..logs import configure_logging
 from ..settings import load_settings
 from ..store.errors import StoreLockedError
 from ..startup import prepare
 from . import tree
+from .http import limit_inherited_listeners
 from .runtime import Runtime, ServiceFailed
 
 __all__ = ["EXIT_SERVICE_FAILED", "attach"]
@@ -55,7 +57,8 @@ def attach(app: QuartTrio) -> None:
         settings = load_settings()
         configure_logging(settings.log, settings.log_format)
         runtime = Runtime(prepare(settings))
-        app.extensions[RUNTIME_KEY] = runtime
+        attach_runtime(app, runtime)
+        limit_inherited_listeners(runtime.settings.ws_send_timeout)
         await app.nursery.start(_supervise, runtime, handle)
 
     @app.after_serving

@@ -1,4 +1,5 @@
-"""Store service: the RocksDB directory is opened before anything else and closed after everything."""
+"""Store service: the RocksDB directory is opened before anything else and closed after everything;
+its sweeper (expired rate-limit and sign-out records) runs while it is open."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..auth.ratelimit import Sweeper
 from ..store import Store
 from .runtime import Runtime, ServiceFailed
 
@@ -29,7 +31,11 @@ async def opened(runtime: Runtime) -> AsyncIterator[Store]:
     runtime.readiness.mark("store", "ready", path=str(settings.db_dir))
     log.info("store open at %s (sync=%s)", settings.db_dir, settings.db_sync)
     try:
-        yield store
+        async with trio.open_nursery() as nursery:
+            # expired rate-limit buckets and signed-out token entries go, so records do not pile up
+            nursery.start_soon(Sweeper(store).run)
+            yield store
+            nursery.cancel_scope.cancel()
     finally:
         runtime.store = None
         runtime.readiness.mark("store", "stopped")

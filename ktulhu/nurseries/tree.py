@@ -5,7 +5,8 @@
         └── services nursery
             ├── model      (GGUF loaded once; the batching engine and its decode threads)
             ├── router     (intent router)
-            └── summaries  (chat titles, low priority)
+            ├── summaries  (chat titles, low priority)
+            └── loop lag   (probe: how late the event loop wakes -> /metrics)
 
 `run` reports started as soon as the store is open, so HTTP can answer `/healthz` and a 503
 `/readyz` while the model loads; each service reports its own readiness through `nursery.start`.
@@ -20,6 +21,7 @@ from typing import Any
 import trio
 
 from . import engine as engine_service
+from . import loop_lag
 from . import router as router_service
 from . import summaries as summaries_service
 from . import store as store_service
@@ -48,6 +50,7 @@ async def run(
     async with store_service.opened(runtime):
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(loop_lag.watch, name="loop-lag")  # no readiness: it cannot fail to start
                 for name, service in services:
                     runtime.readiness.mark(name, "starting")
                     nursery.start_soon(_bring_up, nursery, name, service, runtime)

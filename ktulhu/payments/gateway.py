@@ -102,3 +102,8 @@ class StripeGateway:
     async def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
         session = await self._call(self.client.v1.checkout.sessions.retrieve, session_id)
         return session.to_dict()
+
+    async def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]:
+        """The subscription as Stripe sees it now (its `status` says whether it is paid for)."""
+        subscription = await self._call(self.client.v1.subscriptions.retrieve, subscription_id)
+        return subscription.to_dict()

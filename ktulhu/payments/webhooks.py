@@ -11,6 +11,10 @@
 The user is found by the session's `metadata.user_id` (checkout), else by the stored
 `stripe_subscription_id`, then `stripe_customer_id`, then the object's `metadata.user_id`.
 An admin is never demoted. Other event types are acknowledged and ignored.
+
+The event is marked handled in the same store write as its change (or, when it changes nothing,
+after that was decided), so a failure half-way leaves it unmarked and Stripe's retry applies it;
+a redelivery of an applied event finds it marked and changes nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class WebhookOutcome:
 
     action: str
     user_id: str | None = None
+    #: The event was recorded together with a change (internal: `apply_event` records the rest).
+    recorded: bool = attrs.field(default=False, eq=False, repr=False)
 
 
 def _id(value: Any) -> str | None:
@@ -86,22 +92,34 @@ async def _find_user(runtime: Runtime, *, user_id: str | None, subscription: str
     return None
 
 
-async def _change(runtime: Runtime, user: User, change: Any, action: str) -> WebhookOutcome:
+async def _change(runtime: Runtime, event: dict[str, Any], user: User, change: Any, action: str) -> WebhookOutcome:
+    """Apply `change` to `user` and record the event in one store write."""
     store = runtime.store
     assert store is not None
-    before = await store.aio.load_user(user.id)
-    updated = await store.aio.update_user(user.id, change)
-    if updated is None:
-        return WebhookOutcome("no_user", user.id)
+    result = await store.aio.run(store.update_user_for_stripe_event, user.id, change, event["id"], event["type"])
+    if result.status != "applied":
+        return WebhookOutcome(result.status, user.id, recorded=True)
+    before, updated = result.before, result.after
     if before is not None and updated.role == before.role and updated.stripe_customer_id == before.stripe_customer_id \
             and updated.stripe_subscription_id == before.stripe_subscription_id:
-        return WebhookOutcome("unchanged", user.id)
+        return WebhookOutcome("unchanged", user.id, recorded=True)
     log.info("stripe: user %s -> %s", user.id, updated.role)
-    return WebhookOutcome(action, user.id)
+    return WebhookOutcome(action, user.id, recorded=True)
 
 
 async def apply_event(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome:
-    """Apply one verified event (call after `record_stripe_event` said it is new)."""
+    """Apply one verified event (`id` a valid store id) at most once; `duplicate` when it was
+    already applied. Nothing is marked before the change is stored."""
+    outcome = await _apply(runtime, event)
+    if not outcome.recorded:
+        store = runtime.store
+        assert store is not None
+        if not await store.aio.record_stripe_event(event["id"], event["type"]):
+            return WebhookOutcome("duplicate", outcome.user_id)
+    return outcome
+
+
+async def _apply(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome:
     kind = event.get("type")
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
@@ -111,12 +129,14 @@ async def apply_event(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome
         if not is_paid(obj):
             return WebhookOutcome("unchanged")
         customer, subscription = _id(obj.get("customer")), _id(obj.get("subscription"))
+        checkout = _id(obj.get("id")) if obj.get("mode") == "payment" else None
         user = await _find_user(runtime, user_id=session_user_id(obj), subscription=None, customer=None)
         if user is None:
             user = await _find_user(runtime, user_id=None, subscription=subscription, customer=customer)
         if user is None:
             return WebhookOutcome("no_user")
-        return await _change(runtime, user, lambda u: to_paid(u, customer, subscription), "paid")
+        return await _change(runtime, event, user, lambda u: to_paid(u, customer, subscription, checkout=checkout),
+                             "paid")
     if kind.startswith("invoice."):
         customer, subscription = _id(obj.get("customer")), _invoice_subscription(obj)
         user = await _find_user(runtime, user_id=None, subscription=subscription, customer=customer)
@@ -125,10 +145,10 @@ async def apply_event(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome
         if kind == "invoice.paid":
             if subscription is None or user.stripe_subscription_id != subscription:
                 return WebhookOutcome("unchanged", user.id)  # not the upgrade's subscription
-            return await _change(runtime, user, lambda u: to_paid(u, customer, subscription), "paid")
+            return await _change(runtime, event, user, lambda u: to_paid(u, customer, subscription), "paid")
         if subscription and user.stripe_subscription_id not in (None, subscription):
             return WebhookOutcome("unchanged", user.id)  # another subscription's invoice
-        return await _change(runtime, user, lambda u: to_free(u, clear_subscription=False), "free")
+        return await _change(runtime, event, user, lambda u: to_free(u, clear_subscription=False), "free")
     # customer.subscription.*
     if kind == "customer.subscription.updated" and obj.get("status") not in ENDED_SUBSCRIPTION:
         return WebhookOutcome("unchanged")
@@ -138,4 +158,4 @@ async def apply_event(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome
         return WebhookOutcome("no_user")
     if user.stripe_subscription_id not in (None, subscription):
         return WebhookOutcome("unchanged", user.id)  # an older subscription ended; the current one stands
-    return await _change(runtime, user, lambda u: to_free(u, clear_subscription=True), "free")
+    return await _change(runtime, event, user, lambda u: to_free(u, clear_subscription=True), "free")

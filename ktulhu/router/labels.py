@@ -3,6 +3,13 @@
 A head's logits decode to a `Head`: the argmax label, its softmax probability and the whole
 distribution. Label order is part of the model contract: index *i* of a head's logits is
 `HEADS[name][i]`.
+
+The support head is the exception: it decodes to SUPPORT when P(SUPPORT) reaches
+`SUPPORT_INTENT_THRESHOLD` (0.3), not when SUPPORT is the argmax. The original compared the argmax's
+probability with 0.3, which for two classes is always at least 0.5, so its threshold could never bind
+(original-behaviour §8 item 30; PRODUCT.md fixes every §8 defect). Routing's `support_intent` (label
+SUPPORT with score >= the threshold) therefore means P(SUPPORT) >= 0.3, as the constant intends, and
+`NO_SUPPORT` means P(SUPPORT) < 0.3.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ __all__ = [
     "OPTIONAL_HEADS",
     "REQUIRED_HEADS",
     "SUPPORT_INTENT_THRESHOLD",
+    "THRESHOLD_LABELS",
     "Head",
     "HeadSet",
     "decode_head",
@@ -33,8 +41,12 @@ HEADS: dict[str, tuple[str, ...]] = {
 }
 REQUIRED_HEADS = ("speech_act", "domain", "expectation")
 OPTIONAL_HEADS = ("phatic", "support")
-#: `support_intent` is on when the support head's argmax is SUPPORT with at least this probability.
+#: `support_intent` is on when P(SUPPORT) is at least this (the support head decodes by it, see above).
 SUPPORT_INTENT_THRESHOLD = 0.3
+#: Heads decoded by a threshold instead of argmax: labels -> (label chosen at or above it, threshold).
+THRESHOLD_LABELS: dict[tuple[str, ...], tuple[str, float]] = {
+    HEADS["support"]: ("SUPPORT", SUPPORT_INTENT_THRESHOLD),
+}
 
 
 @attrs.frozen
@@ -75,10 +87,21 @@ def softmax(logits: Sequence[float]) -> list[float]:
 
 
 def decode_head(logits: Sequence[float], labels: Sequence[str]) -> Head:
-    """Argmax decoding; an argmax index beyond `labels` decodes to `"unknown"` (as the original)."""
+    """Argmax decoding; an argmax index beyond `labels` decodes to `"unknown"` (as the original).
+
+    A head in `THRESHOLD_LABELS` (the support head) decodes to its label when that label's probability
+    reaches the threshold, and otherwise to the argmax of the other labels.
+    """
     probs = softmax([float(x) for x in logits])
     if not probs:
         return Head("unknown", 0.0, ())
+    rule = THRESHOLD_LABELS.get(tuple(labels))
+    if rule is not None and len(probs) == len(labels):
+        positive = labels.index(rule[0])
+        if probs[positive] >= rule[1]:
+            return Head(rule[0], probs[positive], tuple(probs))
+        best = max((i for i in range(len(probs)) if i != positive), key=probs.__getitem__)
+        return Head(labels[best], probs[best], tuple(probs))
     best = max(range(len(probs)), key=probs.__getitem__)
     label = labels[best] if best < len(labels) else "unknown"
     return Head(label, probs[best], tuple(probs))

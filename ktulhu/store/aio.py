@@ -138,8 +138,8 @@ class AsyncStore:
 
     # --- messages ------------------------------------------------------------------------------
 
-    async def save_message(self, message: Message) -> Message:
-        return await self.run(self.store.save_message, message)
+    async def save_message(self, message: Message, *, existing_chat_only: bool = False) -> Message | None:
+        return await self.run(self.store.save_message, message, existing_chat_only=existing_chat_only)
 
     async def delete_message(self, chat_id: str, message_id: str) -> bool:
         return await self.run(self.store.delete_message, chat_id, message_id)
@@ -156,9 +156,10 @@ class AsyncStore:
         return await self.run(self.store.remove_messages_by_role, chat_id, role)
 
     async def replace_summary(self, chat_id: str, text: str, *, language: str | None = None,
-                              message_id: str | None = None, ts: int | None = None) -> Message:
+                              message_id: str | None = None, ts: int | None = None,
+                              existing_chat_only: bool = False) -> Message | None:
         return await self.run(self.store.replace_summary, chat_id, text, language=language,
-                              message_id=message_id, ts=ts)
+                              message_id=message_id, ts=ts, existing_chat_only=existing_chat_only)
 
     async def list_messages_for_chat(self, chat_id: str, *, last: int | None = None) -> list[Message]:
         return await self.run(self.store.list_messages_for_chat, chat_id, last=last)
@@ -188,14 +189,15 @@ class AsyncStore:
         return await self.run(self.store.ensure_chat_for_device, chat_id, device_hash, user_id=user_id)
 
     async def touch_chat(self, chat_id: str, device_hash: str | None = None, *, user_id: str | None = None,
-                         now: int | None = None) -> Chat:
-        return await self.run(self.store.touch_chat, chat_id, device_hash, user_id=user_id, now=now)
+                         now: int | None = None, existing_chat_only: bool = False) -> Chat | None:
+        return await self.run(self.store.touch_chat, chat_id, device_hash, user_id=user_id, now=now,
+                              existing_chat_only=existing_chat_only)
 
     async def delete_thread(self, chat_id: str) -> int:
         return await self.run(self.store.delete_thread, chat_id)
 
-    async def load_chat(self, chat_id: str) -> Chat | None:
-        return await self.run(self.store.load_chat, chat_id)
+    async def load_chat(self, chat_id: str, *, strict: bool = False) -> Chat | None:
+        return await self.run(self.store.load_chat, chat_id, strict=strict)
 
     async def list_chats(self) -> list[Chat]:
         return await self.run(self.store.list_chats)

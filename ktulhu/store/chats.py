@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from . import keys
+from .errors import CorruptRecord
 from .keys import check_id, is_valid_id
 from .records import Chat, Message, encode, now_ms
 
@@ -71,12 +72,15 @@ class ChatOps:
 
     def touch_chat(
         self: Any, chat_id: str, device_hash: str | None = None, *, user_id: str | None = None,
-        now: int | None = None,
-    ) -> Chat:
+        now: int | None = None, existing_chat_only: bool = False,
+    ) -> Chat | None:
         """After a message: load (or create with ``meta {}``), cache ``meta.has_summary``, set the
-        device hash and owner only if the chat has none, set ``updated_ts`` (ms), save."""
+        device hash and owner only if the chat has none, set ``updated_ts`` (ms), save.
+        `existing_chat_only`: None for a chat deleted meanwhile, which stays deleted."""
         check_id(chat_id, "chat id")
         with self._locks.hold("chat:" + chat_id):
+            if existing_chat_only and self._chat_gone(chat_id):
+                return None
             old = self._load(Chat, keys.chat_meta_key(chat_id))
             chat = _copy(old) if old is not None else Chat(id=chat_id, updated_ts=0, meta={})
             if not isinstance(chat.meta, dict):
@@ -121,10 +125,16 @@ class ChatOps:
 
     # --- reads -------------------------------------------------------------------------------
 
-    def load_chat(self: Any, chat_id: str) -> Chat | None:
-        """Chat metadata, or None when missing (or corrupt: logged and counted)."""
+    def load_chat(self: Any, chat_id: str, *, strict: bool = False) -> Chat | None:
+        """Chat metadata, or None when missing (or corrupt: logged and counted). `strict` raises
+        `CorruptRecord` for a record that exists but cannot be read: access checks fail closed."""
         check_id(chat_id, "chat id")
-        return self._load(Chat, keys.chat_meta_key(chat_id))
+        key = keys.chat_meta_key(chat_id)
+        raw = self._get(key)
+        chat = self._decode(Chat, key, raw)
+        if strict and chat is None and raw is not None:
+            raise CorruptRecord(f"the record of chat {chat_id} cannot be read")
+        return chat
 
     def list_chats(self: Any) -> list[Chat]:
         """Every chat (admin use; reads the whole ``chat:meta:`` range)."""

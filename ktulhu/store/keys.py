@@ -18,6 +18,8 @@ key                                                    value
 ``apikey:<key_id>``                                    ApiKey JSON
 ``stripe_event:<event_id>``                            StripeEvent JSON
 ``ratelimit:<scope>:<subject>``                        RateBucket JSON
+``revoked_jwt:<jti>``                                  decimal expiry (ms) of a signed-out app JWT
+``quota_pool:<subject>``                               decimal count of a shared free quota
 ``ix:...``                                             indexes, all rebuildable from the records
 =====================================================  ===========================================
 
@@ -72,6 +74,8 @@ MSG = b"msg:"
 APIKEY = b"apikey:"
 STRIPE_EVENT = b"stripe_event:"
 RATELIMIT = b"ratelimit:"
+REVOKED_JWT = b"revoked_jwt:"
+QUOTA_POOL = b"quota_pool:"
 
 IX = b"ix:"
 IX_MSG_ID = b"ix:msg_id:"
@@ -178,6 +182,14 @@ def stripe_event_key(event_id: str) -> bytes:
 
 def ratelimit_key(scope: str, subject: str) -> bytes:
     return RATELIMIT + _e(scope) + b":" + check_text_key(subject, "rate-limit subject")
+
+
+def revoked_jwt_key(jti: str) -> bytes:
+    return REVOKED_JWT + _e(check_id(jti, "token id"))
+
+
+def quota_pool_key(subject: str) -> bytes:
+    return QUOTA_POOL + check_text_key(subject, "quota pool")
 
 
 # --- index keys ----------------------------------------------------------------------------------

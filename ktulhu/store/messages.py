@@ -30,13 +30,18 @@ class MessageOps:
 
     # --- writes ------------------------------------------------------------------------------
 
-    def save_message(self: Any, message: Message) -> Message:
+    def save_message(self: Any, message: Message, *, existing_chat_only: bool = False) -> Message | None:
         """Store `message` and return it as stored (with ``seq``, and ``ts`` never before the chat's
         previous message). A message whose id the chat already has is replaced in place, keeping its
-        position. Raises `InvalidId` for an unsafe chat or message id."""
+        position. Raises `InvalidId` for an unsafe chat or message id.
+
+        `existing_chat_only`: for a reply that finishes after its chat was deleted: nothing is
+        written and None is returned, instead of bringing the chat back without its owner."""
         chat_id = check_id(message.chat_id, "chat id")
         check_id(message.id, "message id")
         with self._locks.hold("chat:" + chat_id):
+            if existing_chat_only and self._chat_gone(chat_id):
+                return None
             batch = self._batch()
             stored, summary_changed = self._put_message(batch, message)
             self._write(batch)
@@ -101,15 +106,18 @@ class MessageOps:
 
     def replace_summary(
         self: Any, chat_id: str, text: str, *, language: str | None = None,
-        message_id: str | None = None, ts: int | None = None,
-    ) -> Message:
-        """Atomically delete the chat's ``summary`` messages and save a new one with `text`."""
+        message_id: str | None = None, ts: int | None = None, existing_chat_only: bool = False,
+    ) -> Message | None:
+        """Atomically delete the chat's ``summary`` messages and save a new one with `text`
+        (`existing_chat_only`: not for a deleted chat; None then)."""
         check_id(chat_id, "chat id")
         message = Message(
             id=check_id(message_id or str(uuid.uuid4()), "message id"), chat_id=chat_id, role=SUMMARY,
             text=text, language=language, ts=now_ms() if ts is None else ts,
         )
         with self._locks.hold("chat:" + chat_id):
+            if existing_chat_only and self._chat_gone(chat_id):
+                return None
             batch = self._batch()
             for key, old in self._chat_entries(chat_id):
                 if old.role == SUMMARY or old.id == message.id:
@@ -225,6 +233,13 @@ class MessageOps:
                 message = self._message_of(chat_id, key, raw)
                 if message is not None:
                     yield key, message
+
+    def _chat_gone(self: Any, chat_id: str) -> bool:
+        """No metadata and no message: the chat was deleted (or never existed)."""
+        if self._get(keys.chat_meta_key(chat_id)) is not None:
+            return False
+        return not any(True for prefix in (keys.legacy_msg_prefix(chat_id), keys.msg_prefix(chat_id))
+                       for _ in self._scan(prefix))
 
     def _chat_tail(self: Any, chat_id: str) -> tuple[int, int]:
         """(last seq, last ts in ms) of the chat: cached, else read from the ends of both prefixes."""

@@ -220,10 +220,13 @@ class StripeEvent:
 
 @attrs.define
 class RateBucket:
-    """A token bucket (new): ``tokens`` left at ``updated_ts`` (ms)."""
+    """A token bucket (new): ``tokens`` left at ``updated_ts`` (ms). ``expires_ts`` (ms) is when it
+    will have refilled to full, i.e. when the record means nothing any more and may be deleted
+    (None: written before expiry was recorded, or a bucket that never refills)."""
 
     tokens: float = _f(_NUM)
     updated_ts: int = _f(_INT)
+    expires_ts: int | None = _f(_INT, optional=True, new=True)
     extra: dict[str, Any] = _extra()
 
 

@@ -224,8 +224,9 @@ class UserOps:
             self._count("stale")
         return user
 
-    def _put_user(self: Any, user: User, old: User | None) -> None:
-        """Write the user and its identity index changes (caller holds the user's lock)."""
+    def _put_user(self: Any, user: User, old: User | None, *, also: list[tuple[bytes, bytes]] = ()) -> None:
+        """Write the user and its identity index changes (caller holds the user's lock), plus the
+        records in `also`, all in one batch."""
         old_ids, new_ids = _identities(old), _identities(user)
         changed = old_ids.keys() != new_ids.keys()
         with self._locks.identity if changed else nullcontext():
@@ -244,6 +245,8 @@ class UserOps:
                 if self._get(key) == me:
                     batch.delete(key)
             batch.put(keys.user_key(user.id), encode(user))
+            for key, value in also:
+                batch.put(key, value)
             self._write(batch)
 
     def _index_user(self: Any, batch: "WriteBatch", user: User, taken: dict[bytes, bytes]) -> int:

@@ -94,6 +94,31 @@ async def test_failed_sign_ins_are_rate_limited(live_server, server_dir):
             await _unchanged(server.runtime, ids)
 
 
+async def test_lockout_counts_only_wrong_credentials_per_address(live_server, server_dir):
+    """Missing or malformed credentials are challenges that spend nothing; wrong ones spend the
+    sending address's budget only, so nobody can lock the admin out from another address."""
+    write_credentials(server_dir)
+    async with live_server(KTULHU_ADMIN_RATE="3") as server:
+        url = "/internal/users/list"
+        attacker = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, transport=attacker) as client:
+            for headers in [{}] * 10 + [BAD_HEADERS["malformed base64"], BAD_HEADERS["no colon"],
+                                        BAD_HEADERS["bearer instead"]] * 4:
+                r = await client.get(url, headers=headers)
+                assert r.status_code == 401, headers
+                assert r.headers["WWW-Authenticate"] == 'Basic realm="Internal"'
+            assert (await client.get(url, headers=basic())).status_code == 200
+            for _ in range(3):
+                assert (await client.get(url, headers=basic(ADMIN_USER, "wrong"))).status_code == 401
+            r = await client.get(url, headers=basic())
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            # a missing header is still just a challenge there
+            assert (await client.get(url)).status_code == 401
+        owner = httpx.AsyncHTTPTransport(local_address="127.0.0.3")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, transport=owner) as client:
+            assert (await client.get(url, headers=basic())).status_code == 200
+
+
 async def test_successful_sign_ins_do_not_spend_the_budget(live_server, server_dir):
     write_credentials(server_dir)
     async with live_server(KTULHU_ADMIN_RATE="2") as server:

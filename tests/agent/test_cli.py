@@ -17,6 +17,8 @@ import trio
 
 from ktulhu.cli import main
 
+from .terminal import on_terminal
+
 REPO = Path(__file__).resolve().parents[2]
 # A 135M model copies the prompt's example command; cover it and the other usual first words.
 STAND_INS = ("ls", "touch", "echo", "cat", "pwd", "mkdir", "python", "python3", "make", "pytest", "git", "rm",
@@ -76,44 +78,18 @@ async def test_end_of_input_counts_as_no(recorder: tuple[Path, Path, dict[str, s
 
 async def test_the_question_waits_on_a_terminal(recorder: tuple[Path, Path, dict[str, str]]) -> None:
     work, record, env = recorder
-    master, slave = os.openpty()
-    try:
-        proc = await trio.lowlevel.open_process(
-            agent_cmd(work, "--tools", "run_cmd", "--max-steps", "2", GOAL), cwd=REPO, env=env,
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )
-    finally:
-        os.close(slave)
-    terminal = trio.lowlevel.FdStream(master)
-    seen = b""
-
-    async def read_until(pattern: bytes) -> None:
-        nonlocal seen
-        while pattern not in seen:
-            try:
-                chunk = await terminal.receive_some(4096)
-            except OSError:  # EIO: the other side closed
-                chunk = b""
-            if not chunk:
-                raise AssertionError(f"terminal closed before {pattern!r}: {seen.decode(errors='replace')}")
-            seen += chunk
-
-    try:
+    async with on_terminal(agent_cmd(work, "--tools", "run_cmd", "--max-steps", "2", GOAL), cwd=REPO,
+                           env=env) as terminal:
         with trio.fail_after(180):
-            await read_until(b"[y/N]")
+            await terminal.read_until(b"[y/N]")
             await trio.sleep(1.0)  # it waits: still running, nothing executed
-            assert proc.returncode is None and proc.poll() is None
+            assert terminal.proc.returncode is None and terminal.proc.poll() is None
             assert not record.exists()
-            await terminal.send_all(b"n\n")
-            await read_until(b"summary:")
-            assert await proc.wait() == 4
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await terminal.aclose()
+            await terminal.type(b"n\n")
+            await terminal.read_until(b"summary:")
+            assert await terminal.proc.wait() == 4
     assert not record.exists()
-    assert b"declined" in seen
+    assert b"declined" in terminal.seen
 
 
 async def test_ctrl_c_while_asking_exits_130(recorder: tuple[Path, Path, dict[str, str]]) -> None:

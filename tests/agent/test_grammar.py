@@ -21,7 +21,7 @@ ASK = [ChatMessage("system", "You answer questions."), ChatMessage("user", "Is t
 async def test_grammar_constrains_the_text(engine: Engine) -> None:
     for seed in (1, 2, 3):
         params = SamplingParams(max_tokens=8, temperature=1.5, top_k=0, top_p=1.0, seed=seed, grammar=YES_NO)
-        gen = engine.chat(ASK, params)
+        gen = await engine.chat(ASK, params)
         with gen:
             text = await gen.text()
         assert text in ("yes", "no")
@@ -29,7 +29,7 @@ async def test_grammar_constrains_the_text(engine: Engine) -> None:
 
 
 async def test_without_grammar_the_same_request_is_free_text(engine: Engine) -> None:
-    gen = engine.chat(ASK, SamplingParams(max_tokens=8, temperature=0.0))
+    gen = await engine.chat(ASK, SamplingParams(max_tokens=8, temperature=0.0))
     with gen:
         text = await gen.text()
     assert text not in ("yes", "no")  # so the test above shows the grammar, not the model's habit
@@ -37,7 +37,7 @@ async def test_without_grammar_the_same_request_is_free_text(engine: Engine) -> 
 
 async def test_grammar_with_repetition_bounds(engine: Engine) -> None:
     params = SamplingParams(max_tokens=24, temperature=0.0, grammar='root ::= "n=" [0-9]{3}')
-    gen = engine.chat(ASK, params)
+    gen = await engine.chat(ASK, params)
     with gen:
         text = await gen.text()
     assert text.startswith("n=") and len(text) == 5 and text[2:].isdigit()
@@ -78,14 +78,14 @@ def test_arbitrary_text_as_grammar_never_crashes(text: str) -> None:
 async def test_grammar_that_allows_nothing_fails_only_its_request(engine: Engine) -> None:
     # valid GBNF, but a NUL byte is never a token: llama.cpp would abort the process if asked to accept one
     stuck = SamplingParams(max_tokens=8, temperature=0.7, seed=3, grammar='root ::= "\\x00"')
-    gen = engine.chat(ASK, stuck)
+    gen = await engine.chat(ASK, stuck)
     with gen, pytest.raises(EngineError, match="grammar allows no further text"):
         await gen.text()
     greedy_stuck = SamplingParams(max_tokens=8, temperature=0.0, grammar='root ::= "a" "\\x00"')
-    gen = engine.chat(ASK, greedy_stuck)
+    gen = await engine.chat(ASK, greedy_stuck)
     with gen, pytest.raises(EngineError, match="grammar"):
         await gen.text()
-    gen = engine.chat(ASK, SamplingParams(max_tokens=8, temperature=0.0, grammar=YES_NO))
+    gen = await engine.chat(ASK, SamplingParams(max_tokens=8, temperature=0.0, grammar=YES_NO))
     with gen:
         assert await gen.text() in ("yes", "no")
 
@@ -134,7 +134,7 @@ async def test_every_step_parses_under_the_action_grammar(engine: Engine) -> Non
     for index, goal in enumerate(goals):
         messages = [ChatMessage("system", system_prompt(goal, tuple(ACTIONS), 30)),
                     ChatMessage("user", f"Goal: {goal}\nWhat is your first action?")]
-        prompt = engine.build_prompt(messages, 96)
+        prompt = await engine.build_prompt(messages, 96)
         params = SamplingParams(max_tokens=prompt.max_tokens, temperature=1.0, seed=index,
                                 grammar=action_grammar(prompt.max_tokens))
         gen = engine.generate(prompt.tokens, params)

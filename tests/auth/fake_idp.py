@@ -37,6 +37,10 @@ class FakeIdp:
     #: "ok", "error" (HTTP 500), "garbage" (not JSON), "slow" (never answers in time)
     mode: str = "ok"
     hits: int = 0
+    #: When set, each key-set request waits for it before answering (a key server that hangs until
+    #: the test says so); `requested` is set when a request arrives.
+    gate: trio.Event | None = None
+    requested: trio.Event = attrs.field(factory=trio.Event)
 
     def add_key(self) -> str:
         kid = uuid.uuid4().hex[:16]
@@ -77,6 +81,9 @@ async def fake_idp() -> AsyncIterator[FakeIdp]:
     @app.get("/jwks")
     async def jwks() -> Response:
         idp.hits += 1
+        idp.requested.set()
+        if idp.gate is not None:
+            await idp.gate.wait()
         if idp.mode == "error":
             return Response("down", status=500)
         if idp.mode == "garbage":
@@ -98,4 +105,6 @@ async def fake_idp() -> AsyncIterator[FakeIdp]:
         try:
             yield idp
         finally:
+            if idp.gate is not None:
+                idp.gate.set()  # a held request must not keep the server from stopping
             stop.set()

@@ -74,32 +74,61 @@ async def test_register_login_and_enumeration(live_server) -> None:
             assert r.status_code == 200 and r.json()["user_id"] == legacy.id
 
 
-async def test_login_rate_limits_per_ip_and_per_email(live_server) -> None:
+async def test_login_rate_limits_count_failures_only(live_server) -> None:
+    """Only failed logins spend, per client address and per (email, address): nobody can lock the
+    owner out by failing against the owner's email from elsewhere."""
     async with live_server(KTULHU_LOGIN_RATE="3") as server:
         async with client(server, source="127.0.0.2") as http:
             r = await http.post("/api/auth/register", json={"email": "carol@example.com", "password": "carol-pass"})
             assert r.status_code == 200
-            # successful logins do not spend the email's budget
-            for _ in range(2):
+            # successful logins cost nothing, however many
+            for _ in range(5):
                 assert (await http.post("/api/auth/login", json={"email": "carol@example.com",
                                                                  "password": "carol-pass"})).status_code == 200
-        # per email: failures from many addresses share one budget
-        for i in range(3):
+        # failures from many other addresses do not lock the owner out
+        for i in range(6):
             async with client(server, source=f"127.0.0.{10 + i}") as http:
                 r = await http.post("/api/auth/login", json={"email": "carol@example.com", "password": "guess"})
                 assert r.status_code == 401
         async with client(server, source="127.0.0.20") as http:
             r = await http.post("/api/auth/login", json={"email": "carol@example.com", "password": "carol-pass"})
+            assert r.status_code == 200
+        # the address that failed is limited: after 3 failures it gets 429, even with the right password
+        async with client(server, source="127.0.0.10") as http:
+            for _ in range(2):
+                r = await http.post("/api/auth/login", json={"email": "carol@example.com", "password": "guess"})
+                assert r.status_code == 401
+            r = await http.post("/api/auth/login", json={"email": "carol@example.com", "password": "carol-pass"})
             assert r.status_code == 429 and r.json()["error"] == "rate_limited"
             assert 1 <= int(r.headers["Retry-After"]) <= 20
-            # another email from this address is still fine
-            r = await http.post("/api/auth/login", json={"email": "dave@example.com", "password": "guess"})
-            assert r.status_code == 401
-        # per address: three attempts on any emails, then 429
+        # per address: three failures on any emails, then 429
         async with client(server, source="127.0.0.30") as http:
             statuses = [(await http.post("/api/auth/login", json={"email": f"u{i}@example.com", "password": "p"})).status_code
                         for i in range(4)]
             assert statuses == [401, 401, 401, 429]
+
+
+async def test_register_probes_spend_the_failed_sign_in_budget(live_server) -> None:
+    """`email_taken` is kept (clients need the new account's token), but each such answer is a failed
+    probe: it spends the address's failed-sign-in budget, and while that is empty every registration
+    from the address gets 429, whether or not the email exists."""
+    async with live_server(KTULHU_LOGIN_RATE="3") as server:
+        async with client(server, source="127.0.0.2") as http:
+            r = await http.post("/api/auth/register", json={"email": "erin@example.com", "password": "erin-pass"})
+            assert r.status_code == 200
+        async with client(server, source="127.0.0.40") as http:
+            r = await http.post("/api/auth/login", json={"email": "nobody@example.com", "password": "guess"})
+            assert r.status_code == 401
+            r = await http.post("/api/auth/register", json={"email": "erin@example.com", "password": "probe-pass"})
+            assert r.status_code == 400 and r.json()["error"] == "email_taken"
+            r = await http.post("/api/auth/login", json={"email": "nobody@example.com", "password": "guess"})
+            assert r.status_code == 401
+            # budget spent by one failed login, one probe, one failed login
+            before = snapshot(server.runtime)
+            for email in ("erin@example.com", "fresh@example.com"):
+                r = await http.post("/api/auth/register", json={"email": email, "password": "probe-pass"})
+                assert r.status_code == 429 and r.json()["error"] == "rate_limited", email
+            assert snapshot(server.runtime) == before
 
 
 HOSTILE = [

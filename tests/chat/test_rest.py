@@ -62,10 +62,10 @@ async def test_authorisation_matrix(live_server) -> None:
             ("DELETE", "/internal/chat-thread/alice-chat/message/nope", None,
              {"anonymous": 403, "alice": 404, "bob": 403, "admin": 404}),
             ("GET", "/internal/chats/by-device/alice-device", None,
-             {"anonymous": 401, "alice": 200, "bob": 403, "admin": 200}),
+             {"anonymous": 401, "alice": 200, "bob": 200, "admin": 200}),
             ("GET", "/internal/messages/by-device/alice-device", None,
-             {"anonymous": 401, "alice": 200, "bob": 403, "admin": 200}),
-            ("GET", "/messages/by-device/alice-device", None, {"anonymous": 401, "alice": 200, "bob": 403, "admin": 200}),
+             {"anonymous": 401, "alice": 200, "bob": 200, "admin": 200}),
+            ("GET", "/messages/by-device/alice-device", None, {"anonymous": 401, "alice": 200, "bob": 200, "admin": 200}),
             ("GET", f"/internal/chats/by-user/{alice.id}", None, {"anonymous": 401, "alice": 200, "bob": 403, "admin": 200}),
             ("GET", "/chat-summary/last", None, {"anonymous": 401, "alice": 200, "bob": 200, "admin": 200}),
             ("DELETE", "/chat-thread/alice-chat", None, {"anonymous": 403, "alice": 200, "bob": 403, "admin": 200}),
@@ -94,8 +94,13 @@ async def test_authorisation_matrix(live_server) -> None:
             mine = (await client.get("/chat-summary/last", headers=callers["alice"])).json()["chats"]
             assert [c["chat_id"] for c in mine] == ["alice-chat"] and mine[0]["summary"] == "x"
             assert (await client.get("/chat-summary/last", headers=callers["bob"])).json() == {"chats": []}
+            # a device listing holds the caller's own chats only; the admin sees every chat of the device
             by_device = (await client.get("/internal/chats/by-device/alice-device", headers=callers["alice"])).json()
-            assert {c["chat_id"] for c in by_device["chats"]} == {"alice-chat", "anon-chat"}
+            assert {c["chat_id"] for c in by_device["chats"]} == {"alice-chat"}
+            assert (await client.get("/messages/by-device/alice-device", headers=callers["bob"])).json() == {
+                "device_hash": "alice-device", "messages": []}
+            everything = (await client.get("/internal/chats/by-device/alice-device", headers=callers["admin"])).json()
+            assert {c["chat_id"] for c in everything["chats"]} == {"alice-chat", "anon-chat"}
 
             deleted = await client.delete("/chat-thread/alice-chat", headers=callers["alice"])
             assert deleted.json() == {"chat_id": "alice-chat", "deleted": True, "source": ["memory", "db"]}
@@ -192,3 +197,40 @@ async def test_summary_push_socket(live_server) -> None:
             with trio.move_on_after(0.5):
                 await bob_ws.get_message()
                 pytest.fail("bob received a summary of a chat that is not his")
+
+
+async def test_a_self_asserted_device_hash_reads_nothing(live_server) -> None:
+    """The exploit: register with the victim's device hash, then list that device."""
+    async with live_server(KTULHU_ANON_RATE="0") as server:
+        store = server.runtime.store
+        seed_chat(store, "victim-chat", user_id=None, device_hash="victim-device")
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            registered = await client.post("/api/auth/register", json={
+                "email": "mallory@example.com", "password": "a long enough password",
+                "device_hash": "victim-device"})
+            assert registered.status_code in (200, 201), registered.text
+            token = registered.json()["jwt"]
+            headers = {"Authorization": f"Bearer {token}"}
+            for path in ("/messages/by-device/victim-device", "/internal/messages/by-device/victim-device"):
+                listing = await client.get(path, headers=headers)
+                assert listing.status_code == 200 and listing.json()["messages"] == [], listing.text
+                assert "question in victim-chat" not in listing.text
+            chats = await client.get("/internal/chats/by-device/victim-device", headers=headers)
+            assert chats.json()["chats"] == []
+
+
+async def test_a_corrupt_chat_record_fails_closed(live_server) -> None:
+    from ktulhu.store import keys
+
+    async with live_server(KTULHU_ANON_RATE="0") as server:
+        runtime = server.runtime
+        store = runtime.store
+        write_admin_credentials(runtime.settings.path(runtime.settings.admin_auth_file), "admin", ADMIN_PASSWORD)
+        seed_chat(store, "broken-chat", user_id=None, device_hash="d")
+        store._rdict()[keys.chat_meta_key("broken-chat")] = b"{not json"
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            refused = await client.get("/chat-thread/broken-chat")
+            assert refused.status_code == 403 and refused.json()["error"] == "chat_forbidden"
+            assert (await client.delete("/chat-thread/broken-chat")).status_code == 403
+            assert (await client.get("/chat-thread/broken-chat", headers=basic("admin", ADMIN_PASSWORD))).status_code == 200
+        assert len(store.list_messages_for_chat("broken-chat")) == 3  # nothing was taken over or deleted

@@ -272,6 +272,10 @@ async def test_busy_engine_and_too_long_prompts_end_with_done(live_server) -> No
         assert "server_busy" in reasons
         busy = next(frames for frames in results.values() if frames[-1]["reason"] == "server_busy")
         assert busy[-2]["message"] == "server_busy" and len(dones(busy)) == 1
+        # refused prompts store nothing: a retry must not leave user, user, assistant in the history
+        store = server.runtime.store
+        for frames in (too_long, busy):
+            assert store.list_messages_for_chat(frames[-1]["chat_id"]) == []
 
 
 async def test_history_survives_a_restart(live_server) -> None:

@@ -28,7 +28,7 @@ async def run_to_end(gen: Generation) -> tuple[Generation, str]:
 
 async def chat(engine: Engine, messages: list[ChatMessage], params: SamplingParams = GREEDY,
                chat_id: str | None = None) -> tuple[Generation, str]:
-    return await run_to_end(engine.chat(messages, params, chat_id=chat_id))
+    return await run_to_end(await engine.chat(messages, params, chat_id=chat_id))
 
 
 async def test_batched_greedy_equals_single_sequence(smol_model: Model, running_engine) -> None:
@@ -87,7 +87,7 @@ async def test_cancel_during_prefill_and_during_decode_frees_the_slot(
     # a long step target: the whole prompt is one 512-token prefill step, which the cancel interrupts
     async with running_engine(smol_model, KTULHU_SLOTS="1", LLAMA_CLI_CTX="4096",
                               KTULHU_STEP_TARGET_MS="10000") as engine:
-        with engine.chat(long_prompt, SamplingParams(max_tokens=200)) as in_prefill:
+        with await engine.chat(long_prompt, SamplingParams(max_tokens=200)) as in_prefill:
             with trio.fail_after(30):
                 while in_prefill.metrics.admitted is None:
                     await trio.sleep(0.001)
@@ -99,7 +99,7 @@ async def test_cancel_during_prefill_and_during_decode_frees_the_slot(
         # the interrupted step is expected: llama.cpp's messages about it stay out of warnings/errors
         assert not [r for r in caplog.records if r.name == "ktulhu.llama" and r.levelno >= logging.WARNING]
 
-        decoding = engine.generate(engine.build_prompt([ChatMessage("user", "Count to a hundred.")], 300).tokens,
+        decoding = engine.generate((await engine.build_prompt([ChatMessage("user", "Count to a hundred.")], 300)).tokens,
                                    SamplingParams(max_tokens=300))
         with decoding:
             async for _ in decoding:

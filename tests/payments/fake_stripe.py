@@ -1,9 +1,10 @@
 """A small fake of Stripe's Checkout Sessions API on loopback, for the real `stripe` client.
 
-Implements `POST /v1/checkout/sessions` (form-encoded, as Stripe) and
-`GET /v1/checkout/sessions/{id}`, checks the secret key, answers Stripe-shaped errors, and keeps
-every request so tests can assert the exact fields sent. `sign()` signs webhook payloads exactly as
-Stripe does (`Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<payload>">`).
+Implements `POST /v1/checkout/sessions` (form-encoded, as Stripe), `GET /v1/checkout/sessions/{id}`
+and `GET /v1/subscriptions/{id}` (a completed subscription checkout creates its subscription, whose
+`status` tests then move: `active`, `trialing`, `past_due`, `canceled`...), checks the secret key,
+answers Stripe-shaped errors, and keeps every request so tests can assert the exact fields sent.
+`sign()` signs webhook payloads exactly as Stripe does (`Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<payload>">`).
 """
 
 from __future__ import annotations
@@ -35,17 +36,35 @@ WEBHOOK_SECRET = "whsec_fake_0123456789abcdef"
 class FakeStripe:
     url: str = ""
     sessions: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    subscriptions: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     #: (method, path, ordered form fields, Authorization header) of every request.
     requests: list[tuple[str, str, list[tuple[str, str]], str | None]] = attrs.field(factory=list)
     #: When set, the next API call answers this status with a Stripe error.
     fail_next: int | None = None
     omit_url: bool = False
+    #: When set, the next subscription retrieval answers this status with a Stripe error.
+    fail_next_subscription: int | None = None
 
     def complete(self, session_id: str, *, payment_status: str = "paid", status: str = "complete",
-                 customer: str | None = "cus_fake_1", subscription: str | None = "sub_fake_1") -> dict[str, Any]:
+                 customer: str | None = "cus_fake_1", subscription: str | None = "sub_fake_1",
+                 subscription_status: str = "active") -> dict[str, Any]:
+        """Complete a checkout; in subscription mode its subscription exists from then on."""
         session = self.sessions[session_id]
         session.update(payment_status=payment_status, status=status, customer=customer, subscription=subscription)
+        if session["mode"] == "subscription" and subscription:
+            self.add_subscription(subscription, status=subscription_status, customer=customer,
+                                  metadata=dict(session.get("metadata") or {}))
         return session
+
+    def add_subscription(self, subscription_id: str, *, status: str = "active", customer: str | None = "cus_fake_1",
+                         metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        subscription = {"id": subscription_id, "object": "subscription", "status": status, "customer": customer,
+                        "metadata": metadata or {}, "livemode": False}
+        self.subscriptions[subscription_id] = subscription
+        return subscription
+
+    def set_subscription_status(self, subscription_id: str, status: str) -> None:
+        self.subscriptions[subscription_id]["status"] = status
 
     def add_session(self, user_id: str | None, **fields: Any) -> dict[str, Any]:
         """A session made outside our server (another shop, or crafted)."""
@@ -114,6 +133,19 @@ def create_app(fake: FakeStripe) -> QuartTrio:
         if session is None:
             return _error(404, f"No such checkout.session: '{session_id}'", "resource_missing")
         return _json(session)
+
+    @app.get("/v1/subscriptions/<subscription_id>")
+    async def retrieve_subscription(subscription_id: str) -> Response:
+        fake.requests.append(("GET", request.path, [], request.headers.get("Authorization")))
+        if (failure := check()) is not None:
+            return failure
+        if fake.fail_next_subscription is not None:
+            status, fake.fail_next_subscription = fake.fail_next_subscription, None
+            return _error(status, "Something went wrong on Stripe's end")
+        subscription = fake.subscriptions.get(subscription_id)
+        if subscription is None:
+            return _error(404, f"No such subscription: '{subscription_id}'", "resource_missing")
+        return _json(subscription)
 
     return app
 

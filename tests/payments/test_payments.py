@@ -159,10 +159,102 @@ async def test_activation(live_server):
 
             # An admin who pays stays admin.
             admin, admin_auth = await make_user(runtime, role="admin")
-            session = fake.add_session(admin.id, payment_status="paid", status="complete", customer="cus_adm")
+            fake.add_subscription("sub_adm", customer="cus_adm", metadata={"user_id": admin.id})
+            session = fake.add_session(admin.id, payment_status="paid", status="complete", customer="cus_adm",
+                                       subscription="sub_adm")
             r = await client.post("/payment/activate", json={"session_id": session["id"]}, headers=admin_auth)
             assert r.status_code == 200 and r.json()["role"] == "admin"
             assert await role_of(runtime, admin.id) == "admin"
+            # ... and is not demoted by an old session whose subscription ended either.
+            fake.set_subscription_status("sub_adm", "canceled")
+            r = await client.post("/payment/activate", json={"session_id": session["id"]}, headers=admin_auth)
+            assert r.status_code == 409 and await role_of(runtime, admin.id) == "admin"
+
+
+async def test_activation_checks_the_subscription_now(live_server):
+    """An old session replayed after a cancellation or a failed renewal changes nothing; a subscription
+    checkout that is `complete` but `unpaid` is not paid."""
+    async with fake_stripe() as fake, live_server(**stripe_env(fake)) as server:
+        runtime = server.runtime
+        user, auth = await make_user(runtime)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            async def activate(session_id: str) -> httpx.Response:
+                return await client.post("/payment/activate", json={"session_id": session_id}, headers=auth)
+
+            async def new_session() -> str:
+                return (await client.post("/payment/create-checkout-session", headers=auth)).json()["session_id"]
+
+            old = await new_session()
+            fake.complete(old, customer="cus_r", subscription="sub_r")
+            assert (await activate(old)).json()["role"] == "paid"
+            assert fake.requests[-1][:2] == ("GET", "/v1/subscriptions/sub_r")  # asked Stripe, not the session
+
+            # Cancelled (the webhook demotes): replaying the old session is refused, nothing changes.
+            fake.set_subscription_status("sub_r", "canceled")
+            r = await post_event(client, event("customer.subscription.deleted", {
+                "id": "sub_r", "object": "subscription", "customer": "cus_r", "status": "canceled"}))
+            assert r.json()["action"] == "free"
+            for status in ("canceled", "past_due", "unpaid", "incomplete_expired", "paused"):
+                fake.set_subscription_status("sub_r", status)
+                r = await activate(old)
+                assert r.status_code == 409 and r.json()["error"] == "subscription_inactive", status
+                assert status in r.json()["message"]
+                stored = await runtime.store.aio.load_user(user.id)
+                assert (stored.role, stored.stripe_subscription_id) == ("free", None), status
+
+            # `complete` + `unpaid` in subscription mode: not paid (the first invoice is still processing).
+            pending = await new_session()
+            fake.complete(pending, payment_status="unpaid", subscription="sub_p", subscription_status="incomplete")
+            r = await activate(pending)
+            assert r.status_code == 400 and r.json()["error"] == "session_not_paid"
+            fake.sessions[pending]["payment_status"] = "paid"  # paid, but the subscription is still incomplete
+            r = await activate(pending)
+            assert r.status_code == 400 and r.json()["error"] == "session_not_paid"
+            assert await role_of(runtime, user.id) == "free"
+
+            # Stripe failing on the subscription, or a subscription of someone else: refused, unchanged.
+            trial = await new_session()
+            fake.complete(trial, payment_status="no_payment_required", subscription="sub_t",
+                          subscription_status="trialing")
+            fake.fail_next_subscription = 500
+            assert (await activate(trial)).status_code == 502
+            fake.subscriptions["sub_t"]["metadata"] = {"user_id": "someone-else"}
+            r = await activate(trial)
+            assert r.status_code == 403 and r.json()["error"] == "session_owner_mismatch"
+            assert await role_of(runtime, user.id) == "free"
+
+            # A trial is active: upgrades.
+            fake.subscriptions["sub_t"]["metadata"] = {"user_id": user.id}
+            r = await activate(trial)
+            assert r.status_code == 200 and r.json() == {"user_id": user.id, "role": "paid", "updated": True}
+
+
+async def test_one_time_payment_upgrades_once(live_server):
+    async with fake_stripe() as fake, live_server(**stripe_env(fake, STRIPE_CHECKOUT_MODE="payment")) as server:
+        runtime = server.runtime
+        user, auth = await make_user(runtime)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            async def activate(session_id: str) -> httpx.Response:
+                return await client.post("/payment/activate", json={"session_id": session_id}, headers=auth)
+
+            session_id = (await client.post("/payment/create-checkout-session", headers=auth)).json()["session_id"]
+            fake.complete(session_id, subscription=None)
+            assert (await activate(session_id)).json() == {"user_id": user.id, "role": "paid", "updated": True}
+            assert (await activate(session_id)).json()["updated"] is False  # a refresh of the success page
+            # moved back to free (an admin, after a refund): the old session does not upgrade again
+            await runtime.store.aio.update_user(user.id, lambda u: _with_role(u, "free"))
+            r = await activate(session_id)
+            assert r.status_code == 409 and r.json()["error"] == "session_already_used"
+            assert await role_of(runtime, user.id) == "free"
+
+            # a payment the webhook applied counts as used as well
+            other = (await client.post("/payment/create-checkout-session", headers=auth)).json()["session_id"]
+            session = fake.complete(other, customer="cus_o", subscription=None)
+            r = await post_event(client, event("checkout.session.completed", session))
+            assert r.json()["action"] == "paid"
+            await runtime.store.aio.update_user(user.id, lambda u: _with_role(u, "free"))
+            assert (await activate(other)).status_code == 409
+            assert await role_of(runtime, user.id) == "free"
 
 
 def event(kind: str, obj: dict, event_id: str | None = None) -> bytes:
@@ -257,6 +349,43 @@ async def test_webhooks(live_server):
             assert (await post_event(client, bad_id)).status_code == 400
             huge = event("checkout.session.completed", {"pad": "x" * 300_000})
             assert (await post_event(client, huge)).status_code == 413
+
+
+async def test_webhook_failure_mid_way_is_applied_by_the_retry(live_server, monkeypatch):
+    """An event is marked handled only with its change: a failure half-way answers 500 and leaves it
+    unmarked, so Stripe's retry applies it; a retry after that changes nothing."""
+    from ktulhu.payments import webhooks
+
+    real, calls = webhooks.to_paid, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the store failed half-way")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(webhooks, "to_paid", failing_once)
+    async with fake_stripe() as fake, live_server(**stripe_env(fake)) as server:
+        runtime = server.runtime
+        user, _ = await make_user(runtime)
+        completed = event("checkout.session.completed", {
+            "id": "cs_test_retry", "object": "checkout.session", "mode": "subscription", "status": "complete",
+            "payment_status": "paid", "metadata": {"user_id": user.id}, "customer": "cus_x", "subscription": "sub_x"})
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            r = await post_event(client, completed)
+            assert r.status_code == 500
+            assert await role_of(runtime, user.id) == "free"
+            r = await post_event(client, completed)  # Stripe's retry: same event id
+            assert r.status_code == 200 and r.json()["action"] == "paid"
+            assert await role_of(runtime, user.id) == "paid"
+            await runtime.store.aio.update_user(user.id, lambda u: _with_role(u, "free"))
+            r = await post_event(client, completed)
+            assert r.json() == {"received": True, "duplicate": True}
+            assert await role_of(runtime, user.id) == "free"
+            # events that change nothing are recorded too, after being looked at
+            ignored = event("charge.refunded", {"id": "ch_1"})
+            assert (await post_event(client, ignored)).json()["action"] == "ignored"
+            assert (await post_event(client, ignored)).json() == {"received": True, "duplicate": True}
 
 
 def _with_role(user: User, role: str) -> User:

@@ -63,7 +63,9 @@ def test_eval_reproduces_the_committed_metrics():
     for head, scores in recorded["heads"].items():
         assert metrics["heads"][head]["accuracy"] == pytest.approx(scores["accuracy"], abs=2e-3)
     assert metrics["prompt_key_accuracy"] == pytest.approx(recorded["prompt_key_accuracy"], abs=2e-3)
-    assert metrics["prompt_key_accuracy"] >= 0.90
+    # 0.9018 with argmax decoding; the support head's P(SUPPORT) >= 0.3 rule (recall of people who need
+    # support over agreement with the held-out labels) costs 8 of 4,031 routes: 0.8998
+    assert metrics["prompt_key_accuracy"] >= 0.895
     assert min(metrics["prompt_key_accuracy_by_language"].values()) >= 0.85
 
 

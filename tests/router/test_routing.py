@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import attrs
 import pytest
 
 from ktulhu.prompts import build_prompt_plan
@@ -236,3 +237,24 @@ def test_message_meta():
     assert meta["classifier"]["phatic"]["label"] == "CONTENTFUL"
     assert meta["intent"] == {"language": "en", "prompt_key": "chat_casual", "routing_path": "ChatLayer",
                               "final_intent_kind": "ChatCasual", "support_intent": False}
+
+
+def _decoded_support(p_support: float) -> HeadSet:
+    """Heads as the model decodes them, with P(SUPPORT) = `p_support` (EXPRESSING/personal/ADVICE)."""
+    import math
+
+    from ktulhu.router.labels import decode_head
+
+    support = decode_head([0.0, math.log(p_support / (1.0 - p_support))], HEADS["support"])
+    return attrs.evolve(heads("EXPRESSING", "personal", "ADVICE"), support=support)
+
+
+def test_support_threshold_binds_below_one_half():
+    """Original §8 item 30: the 0.3 threshold never bound (argmax of two is >= 0.5). Now P(SUPPORT) >= 0.3
+    escalates, although NO_SUPPORT is the more likely class."""
+    result = route_intent("I feel lost and don't know what to do", "en", lambda _u: _decoded_support(0.4))
+    assert result.support_intent is True and result.prompt_key == "support_reflective"
+    assert "support_intent=ON (0.40)" in result.notes
+    calm = route_intent("I feel lost and don't know what to do", "en", lambda _u: _decoded_support(0.2))
+    assert calm.support_intent is False and calm.support.label == "NO_SUPPORT"
+    assert calm.prompt_key == "chat_narrative"  # rule 1 (personal advice, no support)
