@@ -104,7 +104,7 @@ def read_marker(prefix: str | None = None) -> dict | None:
 
 
 def ensure_wheel(gpu: str = "cpu") -> Path:
-    """The cached wheel for this machine, built first when missing (about 10 minutes on two cores)."""
+    """The cached wheel for this machine, built first when missing (4-10 minutes on two cores)."""
     target = cache_root() / "wheels" / build_key(gpu)
     found = sorted(target.glob("llama_cpp_python-*.whl"))
     if found:
@@ -112,7 +112,7 @@ def ensure_wheel(gpu: str = "cpu") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         env = {**os.environ, "CMAKE_ARGS": shlex.join(cmake_args(gpu)), "FORCE_CMAKE": "1"}
-        _say(f"building {LLAMA_CPP_PYTHON} for this CPU ({gpu}, AMX off); about 10 minutes on two cores")
+        _say(f"building {LLAMA_CPP_PYTHON} for this CPU ({gpu}, AMX off); 4-10 minutes on two cores")
         _run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-cache-dir", "--no-deps",
               "--no-binary", "llama-cpp-python", "--wheel-dir", tmp, LLAMA_CPP_PYTHON], env=env,
              what=f"building {LLAMA_CPP_PYTHON}")
