@@ -76,7 +76,12 @@ def write(results: dict[str, Any], docs: Path) -> None:
               "The engine prefills new prompts in chunks sized so that a step lasts about "
               "`KTULHU_STEP_TARGET_MS` (never under 64 tokens, where the CPU kernels lose efficiency): its "
               "first streams start earlier than llama-server's, at the cost of occasional inter-token gaps of "
-              "one such step while later prompts are prefilled (the ITL p99 column).", ""]
+              "one such step while later prompts are prefilled (the ITL p99 column).", "",
+              "## On a GPU", "",
+              "`bash bench/gpu.sh` builds the CUDA variant of llama-cpp-python and of llama-server (same "
+              "sources and flags), checks with `ktulhu doctor` that every layer is on the GPU, and runs this "
+              "benchmark with all layers offloaded on both sides; its tables and plot go to "
+              "`bench/results/gpu/`.", ""]
     if _plot(results, levels, docs / "benchmarks-engine.png"):
         lines += ["![aggregate tokens/s by streams](benchmarks-engine.png)", ""]
     (docs / "benchmarks.md").write_text("\n".join(lines))
