@@ -8,8 +8,9 @@ from werkzeug.exceptions import HTTPException
 from .app_state import RUNTIME_KEY
 from .http import admin, auth, chats, cors, external, health, openai, pages, payments, proxies, summaries, ws
 from .http import metrics as metrics_route
-from .http.errors import ApiError, framework_error
+from .http.errors import ApiError, framework_error, store_unavailable
 from .nurseries.runtime import Runtime
+from .store.errors import StoreError
 
 __all__ = ["MAX_REQUEST_BYTES", "attach_runtime", "create_app"]
 
@@ -40,6 +41,7 @@ def create_app(runtime: Runtime | None = None) -> QuartTrio:
     app.register_error_handler(ApiError, lambda error: error.get_response())
     # Framework errors (unknown path, wrong method, body too large) answer JSON like every other error.
     app.register_error_handler(HTTPException, framework_error)
+    app.register_error_handler(StoreError, store_unavailable)
     for module in BLUEPRINTS:
         app.register_blueprint(module.blueprint)
     cors.install(app)

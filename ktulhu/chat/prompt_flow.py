@@ -29,6 +29,7 @@ from ..nurseries.runtime import Runtime
 from ..prompts import system_prompt
 from ..router.result import IntentRoutingResult, default_result
 from ..router.routing import normalise_language
+from ..store.errors import StoreError
 from ..store.records import Chat, Message, MessageAttachment, now_ms
 from . import frames
 from .access import ChatForbidden, chat_for, may_use_chat
@@ -141,13 +142,22 @@ async def run_prompt(ctx: PromptContext, frame: PromptFrame, ticket: Ticket, sco
                 reason = refused.code
                 await ctx.send(frames.error(refused.code, refused.detail, request_id=reply.request_id,
                                             chat_id=reply.chat_id))
+            except StoreError as failed:  # disk full, I/O error: the store service is reopening it
+                log.warning("prompt ended: %s", failed)
+                reason = "store_unavailable"
+                await ctx.send(frames.error(reason, "the chat store cannot be written right now; try again "
+                                            "shortly", request_id=reply.request_id, chat_id=reply.chat_id))
         if scope.cancelled_caught:
             reason = cancel_reason()
     finally:
         # Runs on every path, also when the socket's nursery is being cancelled: what was generated
         # is kept, and an unused quota unit is given back.
         with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT_S):
-            await _finish(ctx, reply, reason)
+            try:
+                await _finish(ctx, reply, reason)
+            except StoreError as failed:
+                log.warning("the reply could not be saved: %s", failed)
+                reason = "store_unavailable"
         ctx.runtime.turns.leave(ticket)  # the next prompt of the chat sees this reply in its history
     metrics.WS_PROMPTS.labels(reason).inc()
     usage = None

@@ -20,6 +20,7 @@ from ..engine.request import EngineError
 from ..engine.sampling import SamplingParams
 from ..nurseries.runtime import Runtime
 from ..router.routing import normalise_language
+from ..store.errors import StoreError
 from ..store.records import Message
 from .hub import SummaryEvent, SummaryHub
 
@@ -106,7 +107,7 @@ class SummaryWorker:
             async for job in self._receive:
                 try:
                     await self._make(job)
-                except (EngineError, OSError, ValueError) as exc:  # one title failing is not fatal
+                except (EngineError, StoreError, OSError, ValueError) as exc:  # one title failing is not fatal
                     self.failed += 1
                     log.warning("chat title failed: %s: %s", type(exc).__name__, exc)
                 finally:

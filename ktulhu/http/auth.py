@@ -30,9 +30,10 @@ from ..auth.signin import EmailTaken, create_email_user, email_login, oauth_user
 from ..auth.tokens import LEEWAY_S, issue_token, verify_claims
 from ..store import Store
 from ..store.accounts import RateDecision
+from ..store.errors import StoreError
 from ..store.keys import is_valid_id
 from ..store.records import User
-from .errors import ApiError, framework_error, json_body, json_error, json_response
+from .errors import ApiError, framework_error, json_body, json_error, json_response, store_unavailable
 from .identity import client_address
 
 __all__ = ["blueprint"]
@@ -57,6 +58,8 @@ async def _unexpected(error: Exception) -> Response:
         return error.get_response()
     if isinstance(error, HTTPException):
         return framework_error(error)
+    if isinstance(error, StoreError):
+        return store_unavailable(error)
     log.exception("sign-in request failed")
     return json_error(500, "internal_error", "the request failed on the server; it has been logged")
 

@@ -15,10 +15,11 @@ import orjson
 from quart import Response, request
 from werkzeug.exceptions import HTTPException
 
+from ..store.errors import StoreError
 from ..store.keys import is_valid_id
 
 __all__ = ["ApiError", "FieldSpec", "check_path_id", "framework_error", "json_body", "json_error", "json_response",
-           "query_limit", "raise_error"]
+           "query_limit", "raise_error", "store_unavailable"]
 
 #: Largest JSON body any route accepts unless it says otherwise.
 MAX_BODY_BYTES = 1 << 20
@@ -75,6 +76,12 @@ def framework_error(error: HTTPException) -> Response:
     code = re.sub(r"[^a-z0-9]+", "_", (error.name or "error").lower()).strip("_")
     headers = {"Connection": "close"} if error.code == 413 else None  # the unread body would follow
     return json_error(error.code or 500, code, error.description or error.name or "error", headers=headers)
+
+
+def store_unavailable(error: StoreError) -> Response:
+    """The store refused a write (disk full, I/O error) and is being reopened: try again shortly."""
+    return json_error(503, "store_unavailable", f"the chat store cannot be used right now: {error}",
+                      headers={"Retry-After": "5"})
 
 
 def _too_large(max_bytes: int) -> NoReturn:

@@ -25,8 +25,9 @@ from ..auth.api_keys import MAX_LIVE_KEYS, TooManyKeys, create_key, list_keys, r
 from ..auth.quota import usage
 from ..engine.prompt import ChatMessage
 from ..engine.sampling import SamplingParams
+from ..store.errors import StoreError
 from ..store.records import ApiKey, User
-from .errors import ApiError, framework_error, json_body, json_error, json_response
+from .errors import ApiError, framework_error, json_body, json_error, json_response, store_unavailable
 
 __all__ = ["blueprint"]
 
@@ -61,6 +62,8 @@ async def _unexpected(error: Exception) -> Response:
         return error.get_response()
     if isinstance(error, HTTPException):
         return framework_error(error)
+    if isinstance(error, StoreError):
+        return store_unavailable(error)
     log.exception("external API request failed")
     return json_error(500, "internal_error", "the request failed on the server; it has been logged")
 

@@ -26,6 +26,7 @@ from ..api.problems import Problem
 from ..app_state import current_runtime
 from ..engine.prompt import ChatMessage
 from ..engine.sampling import SamplingParams
+from ..store.errors import StoreError
 from .errors import ApiError, json_body, json_response
 
 __all__ = ["blueprint", "model_name", "parse_messages", "parse_stop"]
@@ -81,6 +82,9 @@ async def _error(error: Exception) -> Response:
     if isinstance(error, ApiError):  # a body that is not JSON, too large, or of the wrong shape
         return openai_error(error.code, error.error_code, error.message, param=_param_of(error.message),
                             headers=error.extra_headers)
+    if isinstance(error, StoreError):  # disk full, I/O error: the store service is reopening it
+        return openai_error(503, "store_unavailable", f"the store cannot be used right now: {error}",
+                            type_="server_error", headers={"Retry-After": "5"})
     if isinstance(error, HTTPException):
         headers = {"Connection": "close"} if error.code == 413 else None  # the unread body would follow
         return openai_error(error.code or 500, None, error.description or error.name or "error", headers=headers)

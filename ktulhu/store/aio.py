@@ -22,6 +22,7 @@ import outcome
 import trio
 
 from .accounts import RateDecision
+from .errors import StoreWriteError
 from .records import ApiKey, Chat, Message, User, UserDevice
 from .users import QuotaResult
 
@@ -77,6 +78,8 @@ class AsyncStore:
         self._draining = 0
         self._batches = 0
         self._calls = 0
+        #: Set when a write failed (disk full, I/O error): the store service reopens the store.
+        self.write_failed = trio.Event()
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -110,6 +113,8 @@ class AsyncStore:
                     await job.wake.wait()
                     job.wake = trio.Event()
             raise
+        if isinstance(job.result, outcome.Error) and isinstance(job.result.error, StoreWriteError):
+            self.write_failed.set()
         return job.result.unwrap()
 
     async def _drain_batch(self) -> None:

@@ -22,10 +22,10 @@ from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 from . import keys
 from .accounts import AccountOps
 from .chats import ChatOps
-from .errors import CorruptRecord, StoreClosedError, StoreError, StoreLockedError
+from .errors import CorruptRecord, StoreClosedError, StoreError, StoreLockedError, StoreWriteError
 from .locks import StripedLocks
 from .messages import MessageOps
-from .records import decode
+from .records import decode, now_ms
 from .users import UserOps
 
 if TYPE_CHECKING:
@@ -90,6 +90,8 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
     _tails: OrderedDict[str, tuple[int, int]] = attrs.field(factory=OrderedDict, alias="_tails")
     _tails_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="_tails_lock")
     _aio: Any = attrs.field(default=None, alias="_aio")
+    #: RocksDB's error after a failed write, until `recover` succeeds.
+    write_failure: str | None = None
 
     @classmethod
     def open(cls, path: Path, *, sync: bool = False, migrate: bool = True) -> "Store":
@@ -98,10 +100,8 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
         Raises `StoreLockedError` when another process has the directory open, `StoreError` when it
         cannot be opened or was written by a newer Ktulhu. Blocking; call it from a worker thread.
         """
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
         try:
-            db = Rdict(str(path), options)
+            db = Rdict(str(path), cls._options())
         except Exception as error:  # rocksdict raises a bare Exception with RocksDB's status text
             text = str(error)
             if "lock" in text.lower():
@@ -123,6 +123,12 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
                 store.close()
                 raise
         return store
+
+    @staticmethod
+    def _options() -> Options:
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        return options
 
     def close(self) -> None:
         """Flush and release the lock; safe to call twice."""
@@ -157,6 +163,8 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
     def _rdict(self) -> Rdict:
         db = self.db
         if db is None:
+            if self.write_failure is not None:  # `recover` is reopening it
+                raise StoreWriteError(f"the store at {self.path} is being reopened after: {self.write_failure}")
             raise StoreClosedError(f"the store at {self.path} is closed")
         return db
 
@@ -174,8 +182,39 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
 
     def _write(self, batch: WriteBatch) -> None:
         if batch.len():
-            self._rdict().write(batch)
+            try:
+                self._rdict().write(batch)
+            except Exception as error:  # rocksdict raises a bare Exception with RocksDB's status text
+                self.write_failure = str(error)
+                raise StoreWriteError(f"the store at {self.path} cannot be written: {error}") from None
             self._counters.add("writes")
+
+    def recover(self) -> bool:
+        """After a failed write: reopen the database (RocksDB refuses every write until then) and
+        prove it writable. False while it still cannot be written (the disk is still full)."""
+        old, self.db = self.db, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception:  # the failed write's error again; the handle is released anyway
+                pass
+            del old
+        try:
+            db = Rdict(str(self.path), self._options())
+            db.set_write_options(self.write_options)
+            db.put(keys.WRITE_PROBE, str(now_ms()).encode())
+        except Exception as error:
+            self.write_failure = str(error)
+            try:
+                db.close()  # type: ignore[possibly-undefined]
+            except Exception:
+                pass
+            return False
+        with self._tails_lock:
+            self._tails.clear()  # sequences taken by writes that failed are read afresh
+        self.db = db
+        self.write_failure = None
+        return True
 
     def _scan(self, prefix: bytes, *, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) whose key starts with `prefix`, in key order (or reversed)."""

@@ -9,6 +9,7 @@ __all__ = [
     "StoreClosedError",
     "StoreError",
     "StoreLockedError",
+    "StoreWriteError",
 ]
 
 
@@ -18,6 +19,11 @@ class StoreError(Exception):
 
 class StoreLockedError(StoreError):
     """Another process holds the RocksDB lock on this directory."""
+
+
+class StoreWriteError(StoreError):
+    """RocksDB refused a write (disk full, I/O error). It then refuses every write until the store is
+    reopened (`Store.recover`); reads keep working."""
 
 
 class StoreClosedError(StoreError):

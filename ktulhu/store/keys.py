@@ -63,6 +63,8 @@ RESERVED_IDS = frozenset({"meta", "msg", "built"})
 MAX_TEXT_KEY = 512
 
 SCHEMA_VERSION = b"meta:schema_version"
+#: Written by `Store.recover` to prove the reopened store takes writes (the time, ms).
+WRITE_PROBE = b"meta:write_probe"
 DEVICE_INDEX_BUILT = b"device_chat_index:built"
 
 CHAT_META = b"chat:meta:"
