@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
+from bench.ports import free_port
 from ktulhu.auth.tokens import issue_token
 from ktulhu.settings import load_settings
 from ktulhu.store import Store
@@ -69,12 +69,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline", type=Path, help="an earlier result (e.g. before a change) to keep under `before`")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loop_lag.json")
     return parser.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def text_of(chars: int, seed: int) -> str:

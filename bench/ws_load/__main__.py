@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
+from bench.ports import free_port
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.engine.sampling import SamplingParams
@@ -60,12 +60,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ws_load.json")
     return parser.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
