@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,9 @@ def cache_dir() -> Path:
 async def prove_model(model: Path, n_gpu_layers: int, *, timeout: float,
                       cache: Path | None = None, command: list[str] | None = None) -> Proof:
     """Load `model` and decode a batch in a child process (or find a cached proof)."""
-    key = {"model": content_fingerprint(model), "ngl": n_gpu_layers}
+    def key() -> dict[str, Any]:
+        return {"model": content_fingerprint(model), "ngl": n_gpu_layers}
+
     return await _prove("model", key, command or _child("model", str(model), str(n_gpu_layers)),
                         timeout=timeout, cache=cache, subject=str(model))
 
@@ -103,8 +106,10 @@ async def prove_model(model: Path, n_gpu_layers: int, *, timeout: float,
 async def prove_router(directory: Path, device: str, *, timeout: float,
                        cache: Path | None = None, command: list[str] | None = None) -> Proof:
     """Load the router export in `directory` and classify one message in a child process."""
-    key = {"router": sorted((p.name, content_fingerprint(p)) for p in directory.iterdir() if p.is_file()),
-           "device": device}
+    def key() -> dict[str, Any]:
+        return {"router": sorted((p.name, content_fingerprint(p)) for p in directory.iterdir() if p.is_file()),
+                "device": device}
+
     return await _prove("router", key, command or _child("router", str(directory), device),
                         timeout=timeout, cache=cache, subject=str(directory))
 
@@ -143,16 +148,17 @@ def _child(*args: str) -> list[str]:
     return [sys.executable, "-m", "ktulhu.preflight", *args]
 
 
-async def _prove(kind: str, key: dict[str, Any], command: list[str], *, timeout: float,
+async def _prove(kind: str, key: Callable[[], dict[str, Any]], command: list[str], *, timeout: float,
                  cache: Path | None, subject: str) -> Proof:
     cache = cache_dir() if cache is None else cache
-    digest = hashlib.sha256(json.dumps({"kind": kind, **key, "build": build_identity()},
-                                       sort_keys=True).encode()).hexdigest()[:32]
-    cached = cache / f"{kind}-{digest}.json"
-    try:
-        return Proof(kind, json.loads(cached.read_text()), cached=True)
-    except (OSError, ValueError):
-        pass
+    # hashing the model's ends and listing the native libraries is file I/O: off the trio thread
+    cached = await trio.to_thread.run_sync(_cache_file, kind, key, cache)
+    known = _PROVEN.get(cached)
+    if known is None:
+        known = await trio.to_thread.run_sync(_read_proof, cached)
+    if known is not None:
+        _PROVEN[cached] = known
+        return Proof(kind, known, cached=True)
     started = time.monotonic()
     with trio.move_on_after(timeout) as scope:
         result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False,
@@ -162,14 +168,37 @@ async def _prove(kind: str, key: dict[str, Any], command: list[str], *, timeout:
                               f"(KTULHU_PREFLIGHT_TIMEOUT); {_FIX[kind]}")
     detail = _verdict(kind, subject, result)
     detail["seconds"] = round(time.monotonic() - started, 2)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        staged = cached.with_suffix(f".{os.getpid()}.tmp")
-        staged.write_text(json.dumps(detail))
-        os.replace(staged, cached)
-    except OSError as error:  # an unwritable cache costs one child per start, nothing else
-        log.debug("preflight cache not written: %s", error)
+    _PROVEN[cached] = detail
+    await trio.to_thread.run_sync(_write_proof, cached, detail)
     return Proof(kind, detail, cached=False)
+
+
+#: Proofs this process has made or read, by cache file: a running server asking again (its doctor
+#: report) never starts another child, even where the cache directory cannot be written.
+_PROVEN: dict[Path, dict[str, Any]] = {}
+
+
+def _cache_file(kind: str, key: Callable[[], dict[str, Any]], cache: Path) -> Path:
+    digest = hashlib.sha256(json.dumps({"kind": kind, **key(), "build": build_identity()},
+                                       sort_keys=True).encode()).hexdigest()[:32]
+    return cache / f"{kind}-{digest}.json"
+
+
+def _read_proof(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_proof(path: Path, detail: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_suffix(f".{os.getpid()}.tmp")
+        staged.write_text(json.dumps(detail))
+        os.replace(staged, path)
+    except OSError as error:  # an unwritable cache costs one child per process start, nothing else
+        log.debug("preflight cache not written: %s", error)
 
 
 async def _kill(process: trio.Process) -> None:
