@@ -34,8 +34,10 @@ doctor: setup model
 	$(BIN)/ktulhu doctor
 
 # Debian packages the tests drive for real: Chromium (browser tests; no browser download by
-# playwright), nginx (the reverse-proxy recipe), systemd-analyze (the unit file).
-SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/sbin/nginx:nginx /usr/bin/systemd-analyze:systemd
+# playwright), nginx (the reverse-proxy recipe), systemd-analyze (the unit file), PostgreSQL (the
+# shared store's tests start their own server in a temp dir).
+SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/sbin/nginx:nginx /usr/bin/systemd-analyze:systemd \
+	/usr/lib/postgresql:postgresql
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
 		[ -x "$${entry%%:*}" ] || missing="$$missing $${entry#*:}"; \
