@@ -10,6 +10,7 @@ import time
 import jwt
 import pytest
 
+from ktulhu.auth.api_keys import split_key
 from ktulhu.auth.tokens import issue_token
 
 from auth.helpers import bearer, client, make_user, snapshot
@@ -195,7 +196,7 @@ async def test_api_key_lifecycle_and_legacy_credentials(live_server) -> None:
             key = record["key"]
             assert key.startswith("ktk_") and record["name"] == "ci" and record["revoked"] is False
             stored = store.load_api_key(record["id"])
-            assert key.split("_")[-1] not in json.dumps(stored.extra) + stored.secret_hash  # only a hash is stored
+            assert split_key(key)[1] not in json.dumps(stored.extra) + stored.secret_hash  # only a hash is stored
             listed = (await http.get("/external/api/keys", headers=bearer(token))).json()["keys"]
             assert [k["id"] for k in listed] == [record["id"]] and "key" not in listed[0]
             # usable as Bearer on the external and /v1 routes

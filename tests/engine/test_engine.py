@@ -151,7 +151,7 @@ async def test_eos_max_tokens_and_seeds(smol_model: Model, running_engine) -> No
     async with running_engine(smol_model) as engine:
         gen, _ = await chat(engine, question, SamplingParams(temperature=0.0, max_tokens=5))
         assert gen.finished.reason == "length" and gen.metrics.generated_tokens == 5
-        gen, text = await chat(engine, [ChatMessage("user", "Say just: OK")], SamplingParams(max_tokens=200))
+        gen, text = await chat(engine, [ChatMessage("user", "Say just: OK")], SamplingParams(temperature=0.0, max_tokens=200))
         assert gen.finished.reason == "eos" and "<|im_end|>" not in text and "<|im_start|>" not in text
         seeded = SamplingParams(temperature=1.0, max_tokens=16, seed=1234)
         same = {(await chat(engine, question, seeded))[1] for _ in range(2)}
