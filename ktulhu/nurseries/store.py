@@ -1,7 +1,8 @@
-"""Store service: the RocksDB directory is opened before anything else and closed after everything;
-its sweeper (expired rate-limit and sign-out records) runs while it is open, and so does its
-recovery: after a failed write (disk full, I/O error) `/readyz` is 503 naming the cause until the
-store has been reopened and takes writes again."""
+"""Store service: the store `KTULHU_STORE` names (a RocksDB directory, or a PostgreSQL database
+shared with other servers) is opened before anything else and closed after everything; its sweeper
+(expired rate-limit and sign-out records) runs while it is open, and so does its recovery: after a
+failed write (disk full, I/O error, the database server gone) `/readyz` is 503 naming the cause
+until the store takes writes again. Logs and `/readyz` name a PostgreSQL store without its password."""
 
 from __future__ import annotations
 
@@ -24,18 +25,18 @@ RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
 
 
 async def _recover_after_failed_writes(runtime: Runtime, store: Store) -> None:
-    """Each time a write fails: 503 naming RocksDB's error, then reopen until the store takes writes."""
+    """Each time a write fails: 503 naming the engine's error, then recover until the store takes writes."""
     while True:
         await store.aio.write_failed.wait()
         log.error("store writes fail: %s; reopening until it takes writes", store.write_failure)
-        runtime.readiness.mark("store", "failed", path=str(store.path), error=store.write_failure)
+        runtime.readiness.mark("store", "failed", path=store.where, error=store.write_failure)
         wait = RETRY_FIRST_S
         while not await trio.to_thread.run_sync(store.recover):
-            runtime.readiness.mark("store", "failed", path=str(store.path), error=store.write_failure)
+            runtime.readiness.mark("store", "failed", path=store.where, error=store.write_failure)
             await trio.sleep(wait)  # the disk needs an operator (or a cleanup) to get space back
             wait = min(wait * 2, RETRY_MAX_S)
         store.aio.write_failed = trio.Event()
-        runtime.readiness.mark("store", "ready", path=str(store.path))
+        runtime.readiness.mark("store", "ready", path=store.where)
         log.info("store takes writes again")
 
 
@@ -44,13 +45,14 @@ async def opened(runtime: Runtime) -> AsyncIterator[Store]:
     settings = runtime.settings
     runtime.readiness.mark("store", "starting")
     try:
-        store = await trio.to_thread.run_sync(lambda: Store.open(settings.db_dir, sync=settings.db_sync))
+        store = await trio.to_thread.run_sync(lambda: Store.open(settings.store_location, sync=settings.db_sync,
+                                                                 connections=settings.store_pool))
     except Exception as error:
         runtime.readiness.mark("store", "failed", error=str(error))
         raise ServiceFailed("store", error) from error
     runtime.store = store
-    runtime.readiness.mark("store", "ready", path=str(settings.db_dir))
-    log.info("store open at %s (sync=%s)", settings.db_dir, settings.db_sync)
+    runtime.readiness.mark("store", "ready", path=store.where)
+    log.info("store open at %s (%s, sync=%s)", store.where, store.engine, store.statistics().sync)
     try:
         async with trio.open_nursery() as nursery:
             # expired rate-limit buckets and signed-out token entries go, so records do not pile up

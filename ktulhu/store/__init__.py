@@ -1,8 +1,10 @@
-"""The chat store: RocksDB (rocksdict, raw mode) in the original's key layout, plus Ktulhu's indexes.
+"""The chat store: the original's key layout plus Ktulhu's indexes, on RocksDB (rocksdict, raw mode:
+one server) or PostgreSQL (one ``kv`` table: several servers share it).
 
-`Store` is the synchronous, thread-safe store (`Store.open(path, sync=...)`, `close()`); trio code
-uses `store.aio` (`AsyncStore`), which runs every call on a bounded pool of worker threads.
-See docs/store.md for the key layout, migration, concurrency model and durability.
+`Store` is the synchronous, thread-safe store (`Store.open(directory or postgresql:// URL, sync=...)`,
+`close()`); trio code uses `store.aio` (`AsyncStore`), which runs every call on a bounded pool of
+worker threads. See docs/store.md for the key layout, the engines, migration, concurrency model and
+durability.
 """
 
 from .accounts import RateDecision

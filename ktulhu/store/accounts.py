@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import attrs
-from rocksdict import ReadOptions
 
 from . import keys
+from .core import StoreCore
 from .keys import check_id
 from .records import ApiKey, RateBucket, StripeEvent, User, encode, now_ms
 
@@ -51,12 +50,12 @@ class RateDecision:
     retry_after_ms: int
 
 
-class AccountOps:
+class AccountOps(StoreCore):
     """Mixin of `Store`: every method is synchronous, thread-safe and validates its ids first."""
 
     # --- API keys ------------------------------------------------------------------------------
 
-    def save_api_key(self: Any, api_key: ApiKey) -> ApiKey:
+    def save_api_key(self, api_key: ApiKey) -> ApiKey:
         """Store an API key (its ``secret_hash`` only) and index it under its user."""
         check_id(api_key.id, "API key id")
         check_id(api_key.user_id, "user id")
@@ -70,18 +69,18 @@ class AccountOps:
             self._write(batch)
         return api_key
 
-    def load_api_key(self: Any, key_id: str) -> ApiKey | None:
+    def load_api_key(self, key_id: str) -> ApiKey | None:
         check_id(key_id, "API key id")
         return self._load(ApiKey, keys.apikey_key(key_id))
 
-    def list_api_keys_for_user(self: Any, user_id: str) -> list[ApiKey]:
+    def list_api_keys_for_user(self, user_id: str) -> list[ApiKey]:
         check_id(user_id, "user id")
         ids = [v.decode(errors="replace") for _, v in self._scan(keys.ix_user_apikey_prefix(user_id))]
         record_keys = [keys.apikey_key(i) for i in ids]
         return [k for key, raw in zip(record_keys, self._get_many(record_keys))
                 if (k := self._decode(ApiKey, key, raw)) is not None]
 
-    def delete_api_key(self: Any, key_id: str) -> bool:
+    def delete_api_key(self, key_id: str) -> bool:
         """Delete an API key; False when it did not exist."""
         check_id(key_id, "API key id")
         with self._locks.hold("apikey:" + key_id):
@@ -98,7 +97,7 @@ class AccountOps:
 
     # --- Stripe events -------------------------------------------------------------------------
 
-    def record_stripe_event(self: Any, event_id: str, event_type: str, *, now: int | None = None) -> bool:
+    def record_stripe_event(self, event_id: str, event_type: str, *, now: int | None = None) -> bool:
         """Remember a webhook event; True the first time, False for a redelivery (atomic). Call it
         once the event's effect is applied (or when it has none), never before."""
         check_id(event_id, "Stripe event id")
@@ -111,13 +110,13 @@ class AccountOps:
             self._write(batch)
             return True
 
-    def stripe_event_seen(self: Any, event_id: str) -> bool:
+    def stripe_event_seen(self, event_id: str) -> bool:
         """True when the event was already recorded (its effect is applied)."""
         check_id(event_id, "Stripe event id")
         return self._get(keys.stripe_event_key(event_id)) is not None
 
     def update_user_for_stripe_event(
-        self: Any, user_id: str, change: Callable[[User], User], event_id: str, event_type: str,
+        self, user_id: str, change: Callable[[User], User], event_id: str, event_type: str,
         *, now: int | None = None,
     ) -> EventChange:
         """Apply a webhook event's change to one user and record the event in the same write batch,
@@ -145,7 +144,7 @@ class AccountOps:
     # --- rate limits ---------------------------------------------------------------------------
 
     def take_rate_token(
-        self: Any, scope: str, subject: str, *, capacity: float, refill_per_s: float,
+        self, scope: str, subject: str, *, capacity: float, refill_per_s: float,
         cost: float = 1.0, now: int | None = None,
     ) -> RateDecision:
         """Token bucket `scope`/`subject` (e.g. ``login``/an IP or email): refill, then take `cost`
@@ -181,7 +180,7 @@ class AccountOps:
 
     # --- signed-out app JWTs -------------------------------------------------------------------
 
-    def revoke_token(self: Any, jti: str, expires_ms: int) -> None:
+    def revoke_token(self, jti: str, expires_ms: int) -> None:
         """Refuse the app JWT `jti` from now on; the entry is kept until `expires_ms` (the token's own
         expiry, after which it is refused anyway) and then swept."""
         key = keys.revoked_jwt_key(jti)
@@ -189,12 +188,12 @@ class AccountOps:
         batch.put(key, b"%d" % int(expires_ms))
         self._write(batch)
 
-    def is_token_revoked(self: Any, jti: str) -> bool:
+    def is_token_revoked(self, jti: str) -> bool:
         return self._get(keys.revoked_jwt_key(jti)) is not None
 
     # --- shared free quotas --------------------------------------------------------------------
 
-    def spend_quota_pool(self: Any, subject: str, *, limit: int, by: int = 1) -> bool:
+    def spend_quota_pool(self, subject: str, *, limit: int, by: int = 1) -> bool:
         """Add `by` to the pool's count unless that passes `limit` (False, unchanged); a negative `by`
         gives back (never below 0). Atomic per pool; pools never expire (like account quotas)."""
         key = keys.quota_pool_key(subject)
@@ -212,7 +211,7 @@ class AccountOps:
             self._write(batch)
             return True
 
-    def quota_pool_used(self: Any, subject: str) -> int:
+    def quota_pool_used(self, subject: str) -> int:
         raw = self._get(keys.quota_pool_key(subject))
         try:
             return int(raw) if raw is not None else 0
@@ -221,7 +220,7 @@ class AccountOps:
 
     # --- expiry --------------------------------------------------------------------------------
 
-    def sweep_expired(self: Any, *, now: int | None = None, after: bytes | None = None,
+    def sweep_expired(self, *, now: int | None = None, after: bytes | None = None,
                       limit: int = 1000) -> SweepResult:
         """Delete expired rate-limit buckets and signed-out token entries, examining at most `limit`
         records from the key after `after`; pass the result's `next_after` to the next call to
@@ -233,7 +232,7 @@ class AccountOps:
             if after is not None and not after.startswith(prefix) and after > prefix:
                 continue  # this prefix was finished in an earlier call
             start = after if after is not None and after.startswith(prefix) else None
-            for key, raw in _scan_from(self, prefix, start):
+            for key, raw in self._scan(prefix, after=start, page=limit + 1):
                 if examined >= limit:
                     return SweepResult(deleted, examined, last)
                 examined += 1
@@ -249,25 +248,11 @@ class AccountOps:
         return SweepResult(deleted, examined, None)
 
 
-def _scan_from(store: Any, prefix: bytes, start: bytes | None) -> Any:
-    """(key, value) under `prefix` in key order, strictly after `start` when given."""
-    if start is None:
-        yield from store._scan(prefix)
-        return
-    read_options = ReadOptions()
-    read_options.set_iterate_upper_bound(keys.next_prefix(prefix))
-    for key, value in store._rdict().items(from_key=start, read_opt=read_options):
-        if not key.startswith(prefix):
-            break
-        if key != start:
-            yield key, value
-
-
 def _event_record(event_id: str, event_type: str, now: int | None) -> bytes:
     return encode(StripeEvent(id=event_id, type=event_type, received_ts=now_ms() if now is None else now))
 
 
-def _expired(store: Any, key: bytes, raw: bytes, now: int, prefix: bytes) -> bool:
+def _expired(store: StoreCore, key: bytes, raw: bytes, now: int, prefix: bytes) -> bool:
     if prefix == keys.REVOKED_JWT:
         try:
             return int(raw) <= now

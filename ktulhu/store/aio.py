@@ -1,4 +1,4 @@
-"""The trio-facing store: every operation runs on a worker thread, so RocksDB never stalls the loop.
+"""The trio-facing store: every operation runs on a worker thread, so the engine never stalls the loop.
 
 `AsyncStore` mirrors `Store`'s operations as coroutines. Calls are queued and run on at most
 `threads` worker threads at a time (one `trio.CapacityLimiter`); a worker runs up to `MAX_BATCH`
@@ -24,6 +24,7 @@ import trio
 from .accounts import RateDecision
 from .errors import StoreWriteError
 from .records import ApiKey, Chat, Message, User, UserDevice
+from .rocks import DEFAULT_THREADS
 from .users import QuotaResult
 
 if TYPE_CHECKING:
@@ -32,10 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_THREADS", "MAX_BATCH", "AsyncStore", "AsyncStoreStatistics"]
 
 T = TypeVar("T")
-#: Worker threads for store calls. RocksDB calls are short and their Python part holds the GIL, so
-#: two threads saturate a small machine (measured: 2 beat 4 in throughput and in trio-loop stalls)
-#: while one long read (a big history) still leaves a thread for writes.
-DEFAULT_THREADS = 2
+# Worker threads by default: `DEFAULT_THREADS` (2) on RocksDB, whose calls are short and hold the
+# GIL; `postgres.POSTGRES_THREADS` on PostgreSQL, whose calls mostly wait on the server.
 #: Most calls one worker runs per trip to its thread.
 MAX_BATCH = 64
 
@@ -69,10 +68,12 @@ class AsyncStore:
 
     Use it from one trio run at a time (it holds trio objects)."""
 
-    def __init__(self, store: "Store", *, threads: int = DEFAULT_THREADS,
+    def __init__(self, store: "Store", *, threads: int | None = None,
                  limiter: trio.CapacityLimiter | None = None) -> None:
         self.store = store
         self._limiter = limiter
+        if threads is None:
+            threads = store._kv.default_threads
         self._threads = int(limiter.total_tokens) if limiter is not None else threads
         self._queue: list[_Job] = []
         self._draining = 0

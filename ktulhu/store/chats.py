@@ -10,25 +10,24 @@ from __future__ import annotations
 import copy
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import keys
+from .core import StoreCore
 from .errors import CorruptRecord
 from .keys import check_id, is_valid_id
+from .kv import Batch
 from .records import Chat, Message, encode, now_ms
 
-if TYPE_CHECKING:
-    from rocksdict import WriteBatch
 
 __all__ = ["ChatOps"]
 
 
-class ChatOps:
+class ChatOps(StoreCore):
     """Mixin of `Store`: every method is synchronous, thread-safe and validates its ids first."""
 
-    def save_chat(self: Any, chat: Chat) -> Chat:
+    def save_chat(self, chat: Chat) -> Chat:
         """Store chat metadata and update its device, owner and recency index entries atomically.
 
         A device hash or owner id that changes must be a valid id (`InvalidId` otherwise)."""
@@ -40,7 +39,7 @@ class ChatOps:
             self._write(batch)
         return chat
 
-    def update_chat(self: Any, chat_id: str, change: Callable[[Chat], Chat]) -> Chat | None:
+    def update_chat(self, chat_id: str, change: Callable[[Chat], Chat]) -> Chat | None:
         """Read-modify-write chat metadata under the chat's lock; None when the chat does not exist."""
         check_id(chat_id, "chat id")
         with self._locks.hold("chat:" + chat_id):
@@ -55,7 +54,7 @@ class ChatOps:
             return new
 
     def ensure_chat_for_device(
-        self: Any, chat_id: str, device_hash: str | None, *, user_id: str | None = None,
+        self, chat_id: str, device_hash: str | None, *, user_id: str | None = None,
     ) -> tuple[Chat, bool]:
         """The chat with `chat_id`, created for `device_hash` (and owned by `user_id`) if missing (a
         new UUID when `chat_id` is empty). An existing chat is returned unchanged. Returns (chat, created)."""
@@ -71,7 +70,7 @@ class ChatOps:
             return chat, True
 
     def touch_chat(
-        self: Any, chat_id: str, device_hash: str | None = None, *, user_id: str | None = None,
+        self, chat_id: str, device_hash: str | None = None, *, user_id: str | None = None,
         now: int | None = None, existing_chat_only: bool = False,
     ) -> Chat | None:
         """After a message: load (or create with ``meta {}``), cache ``meta.has_summary``, set the
@@ -97,7 +96,7 @@ class ChatOps:
             self._write(batch)
             return chat
 
-    def delete_thread(self: Any, chat_id: str) -> int:
+    def delete_thread(self, chat_id: str) -> int:
         """Delete the chat: its messages, metadata and every index entry, in one batch.
 
         Returns how many messages were deleted (0 for an unknown chat)."""
@@ -125,7 +124,7 @@ class ChatOps:
 
     # --- reads -------------------------------------------------------------------------------
 
-    def load_chat(self: Any, chat_id: str, *, strict: bool = False) -> Chat | None:
+    def load_chat(self, chat_id: str, *, strict: bool = False) -> Chat | None:
         """Chat metadata, or None when missing (or corrupt: logged and counted). `strict` raises
         `CorruptRecord` for a record that exists but cannot be read: access checks fail closed."""
         check_id(chat_id, "chat id")
@@ -136,11 +135,11 @@ class ChatOps:
             raise CorruptRecord(f"the record of chat {chat_id} cannot be read")
         return chat
 
-    def list_chats(self: Any) -> list[Chat]:
+    def list_chats(self) -> list[Chat]:
         """Every chat (admin use; reads the whole ``chat:meta:`` range)."""
         return [c for k, v in self._scan(keys.CHAT_META) if (c := self._decode(Chat, k, v)) is not None]
 
-    def list_chats_for_device(self: Any, device_hash: str) -> list[Chat]:
+    def list_chats_for_device(self, device_hash: str) -> list[Chat]:
         """Chats indexed for the device, ``updated_ts`` descending. Empty hash -> []."""
         if not device_hash:
             return []
@@ -148,13 +147,13 @@ class ChatOps:
         chat_ids = [v.decode(errors="replace") for _, v in self._scan(keys.device_chat_prefix(device_hash))]
         return self._chats_by_id(chat_ids)
 
-    def list_chats_owned_by(self: Any, user_id: str) -> list[Chat]:
+    def list_chats_owned_by(self, user_id: str) -> list[Chat]:
         """Chats whose ``user_id`` is `user_id`, ``updated_ts`` descending."""
         check_id(user_id, "user id")
         chat_ids = [v.decode(errors="replace") for _, v in self._scan(keys.ix_user_chat_prefix(user_id))]
         return self._chats_by_id(chat_ids)
 
-    def list_chats_for_user(self: Any, user_id: str) -> list[Chat]:
+    def list_chats_for_user(self, user_id: str) -> list[Chat]:
         """Chats owned by the user plus the chats of every device the user signed in from (the
         original's definition), without duplicates, ``updated_ts`` descending."""
         check_id(user_id, "user id")
@@ -166,12 +165,12 @@ class ChatOps:
                 )
         return self._chats_by_id(list(dict.fromkeys(chat_ids)))
 
-    def list_recent_chats(self: Any, limit: int) -> list[Chat]:
+    def list_recent_chats(self, limit: int) -> list[Chat]:
         """The `limit` most recently updated chats, newest first (from the end of the index)."""
         if limit <= 0:
             return []
         chat_ids: list[str] = []
-        for _, value in self._scan(keys.IX_CHAT_UPDATED, reverse=True):
+        for _, value in self._scan(keys.IX_CHAT_UPDATED, reverse=True, page=limit):
             chat_ids.append(value.decode(errors="replace"))
             if len(chat_ids) >= limit:
                 break
@@ -179,7 +178,7 @@ class ChatOps:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _chats_by_id(self: Any, chat_ids: list[str]) -> list[Chat]:
+    def _chats_by_id(self, chat_ids: list[str]) -> list[Chat]:
         chat_keys = [keys.chat_meta_key(c) for c in chat_ids]
         chats = []
         for key, raw in zip(chat_keys, self._get_many(chat_keys)):
@@ -192,7 +191,7 @@ class ChatOps:
         chats.sort(key=lambda c: c.updated_ms, reverse=True)
         return chats
 
-    def _put_chat(self: Any, batch: "WriteBatch", chat: Chat, old: Chat | None) -> None:
+    def _put_chat(self, batch: Batch, chat: Chat, old: Chat | None) -> None:
         old_hash = old.device_hash if old else None
         old_user = old.user_id if old else None
         if chat.device_hash and chat.device_hash != old_hash:
@@ -210,7 +209,7 @@ class ChatOps:
         batch.put(keys.chat_meta_key(chat.id), encode(chat))
 
     @staticmethod
-    def _index_chat(batch: "WriteBatch", chat: Chat) -> None:
+    def _index_chat(batch: Batch, chat: Chat) -> None:
         raw_id = chat.id.encode()
         if chat.device_hash and is_valid_id(chat.device_hash):
             batch.put(keys.device_chat_key(chat.device_hash, chat.id), raw_id)
@@ -220,7 +219,7 @@ class ChatOps:
         batch.put(keys.ix_chat_updated(chat.updated_ms, chat.id), raw_id)
 
     @staticmethod
-    def _unindex_chat(batch: "WriteBatch", chat: Chat) -> None:
+    def _unindex_chat(batch: Batch, chat: Chat) -> None:
         if chat.device_hash and is_valid_id(chat.device_hash):
             batch.delete(keys.device_chat_key(chat.device_hash, chat.id))
         if chat.user_id and is_valid_id(chat.user_id):

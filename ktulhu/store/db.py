@@ -1,10 +1,11 @@
-"""Opening and closing the RocksDB directory, and the low-level access every operation uses.
+"""Opening and closing a store, whichever engine holds it, and its statistics.
 
-`Store` is the synchronous store: each method runs RocksDB calls on the calling thread (they take
-microseconds to a few milliseconds). Trio code uses `Store.aio` (`AsyncStore`), which runs them on
-worker threads. The record operations come from the mixins in `messages`, `chats`, `users` and
-`accounts`; this module holds what they share: the handle, the write options, the key locks, the
-statistics and the decode-or-skip rule for corrupt values.
+`Store` is the synchronous store: each method runs its engine calls on the calling thread (RocksDB
+calls take microseconds to a few milliseconds; PostgreSQL calls wait for a round trip or a commit).
+Trio code uses `Store.aio` (`AsyncStore`), which runs them on worker threads. The record operations
+come from the mixins in `messages`, `chats`, `users` and `accounts`, written against `StoreCore`;
+the engine is a `kv.KV`: `rocks.RocksKV` for a directory, `postgres.PostgresKV` for a
+``postgresql://`` URL (`Store.open` picks it from the location).
 """
 
 from __future__ import annotations
@@ -12,32 +13,39 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
-from . import keys
 from .accounts import AccountOps
 from .chats import ChatOps
-from .errors import CorruptRecord, StoreClosedError, StoreError, StoreLockedError, StoreWriteError
-from .locks import StripedLocks
+from .core import TAIL_CACHE_SIZE, Counters
+from .errors import StoreError, StoreLockedError
+from .kv import KV
+from .location import is_postgres_url
 from .messages import MessageOps
-from .records import decode, now_ms
+from .rocks import RocksKV
 from .users import UserOps
 
 if TYPE_CHECKING:
+    from rocksdict import Rdict
+
     from .aio import AsyncStore
 
-__all__ = ["Store", "StoreError", "StoreLockedError", "StoreStatistics"]
+__all__ = ["TAIL_CACHE_SIZE", "Store", "StoreError", "StoreLockedError", "StoreStatistics", "open_kv"]
 
 log = logging.getLogger("ktulhu.store")
-R = TypeVar("R")
 
-#: How many chats' (last seq, last ts) the store keeps in memory to number new messages.
-TAIL_CACHE_SIZE = 4096
+
+def open_kv(location: Path | str, *, sync: bool = False, create: bool = True, exclusive: bool = False,
+            connections: int | None = None) -> KV:
+    """The engine for `location`: a ``postgresql://`` (or ``postgres://``) URL, else a directory."""
+    if isinstance(location, str) and is_postgres_url(location):
+        from .postgres import PostgresKV
+
+        return PostgresKV.open(location, create=create, exclusive=exclusive, connections=connections)
+    return RocksKV.open(Path(location), sync=sync, create=create)
 
 
 @attrs.frozen
@@ -58,88 +66,86 @@ class StoreStatistics:
     writes: int
 
 
-@attrs.define
-class _Counters:
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
-    corrupt: int = 0
-    foreign: int = 0
-    stale: int = 0
-    writes: int = 0
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self.lock:
-            setattr(self, name, getattr(self, name) + n)
-
-
 @attrs.define(slots=False)
 class Store(MessageOps, ChatOps, UserOps, AccountOps):
-    """One open `chatdb/`. Keys and values are raw bytes (JSON values), as the original wrote them.
+    """One open store. Keys and values are raw bytes (JSON values) in the original's layout.
 
     Thread-safe: any method may be called from several threads at once. Each write operation commits
-    one WriteBatch (all or nothing) through the WAL; a method that returned has its write in the WAL
-    (survives the process being killed; with ``sync=True`` also an OS crash or power loss).
-    Read-modify-write operations hold the record's lock, so concurrent updates are never lost.
+    atomically (one WriteBatch on RocksDB, one transaction on PostgreSQL); a method that returned has
+    its write in the WAL (survives the process being killed; on PostgreSQL, and on RocksDB with
+    ``sync=True``, also an OS crash or power loss). Read-modify-write operations hold the record's
+    lock, so concurrent updates are never lost (on PostgreSQL also across processes).
     """
 
-    path: Path
-    db: Rdict | None
-    write_options: WriteOptions
+    _kv: KV = attrs.field(alias="_kv")
     schema_version: int = 0
-    _locks: StripedLocks = attrs.field(factory=StripedLocks, alias="_locks")
-    _counters: _Counters = attrs.field(factory=_Counters, alias="_counters")
+    _counters: Counters = attrs.field(factory=Counters, alias="_counters")
     _tails: OrderedDict[str, tuple[int, int]] = attrs.field(factory=OrderedDict, alias="_tails")
     _tails_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="_tails_lock")
     _aio: Any = attrs.field(default=None, alias="_aio")
-    #: RocksDB's error after a failed write, until `recover` succeeds.
-    write_failure: str | None = None
 
     @classmethod
-    def open(cls, path: Path, *, sync: bool = False, migrate: bool = True) -> "Store":
+    def open(cls, location: Path | str, *, sync: bool = False, migrate: bool = True,
+             connections: int | None = None) -> "Store":
         """Open (creating if missing) and bring the schema up to date.
 
-        Raises `StoreLockedError` when another process has the directory open, `StoreError` when it
-        cannot be opened or was written by a newer Ktulhu. Blocking; call it from a worker thread.
+        `location` is a RocksDB directory or a ``postgresql://`` URL. `sync`: fsync every RocksDB
+        write (PostgreSQL commits are always durable). `connections`: PostgreSQL pool size (default:
+        the default worker threads plus a few). Raises `StoreLockedError` when another process has
+        the directory open, `StoreError` when it cannot be opened or reached, or was written by a
+        newer Ktulhu. Blocking; call it from a worker thread.
         """
-        try:
-            db = Rdict(str(path), cls._options())
-        except Exception as error:  # rocksdict raises a bare Exception with RocksDB's status text
-            text = str(error)
-            if "lock" in text.lower():
-                raise StoreLockedError(
-                    f"the store at {path} is locked by another process; run one server per store "
-                    "(or set KTULHU_DB_PATH to another directory)"
-                ) from None
-            raise StoreError(f"cannot open the store at {path}: {text}") from None
-        write_options = WriteOptions()
-        write_options.sync = sync  # the WAL stays on either way
-        db.set_write_options(write_options)
-        store = cls(path=Path(path), db=db, write_options=write_options)
+        store = cls(_kv=open_kv(location, sync=sync, connections=connections))
         if migrate:
             from .migrate import migrate as run_migrations
 
             try:
-                run_migrations(store)
+                with store._kv.migration_lock():
+                    run_migrations(store)
             except BaseException:
                 store.close()
                 raise
         return store
 
-    @staticmethod
-    def _options() -> Options:
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        return options
-
     def close(self) -> None:
-        """Flush and release the lock; safe to call twice."""
-        if self.db is not None:
-            db, self.db = self.db, None
-            db.flush()
-            db.close()
+        """Flush and release the directory (or the connections); safe to call twice."""
+        self._kv.close()
+
+    @property
+    def engine(self) -> str:
+        """``"rocksdb"`` or ``"postgresql"``."""
+        return self._kv.engine
+
+    @property
+    def where(self) -> str:
+        """The directory, or the URL without its password: safe to log and show."""
+        return self._kv.where
+
+    @property
+    def path(self) -> str:
+        """Same as `where` (the older name)."""
+        return self._kv.where
+
+    @property
+    def shared_url(self) -> str | None:
+        """The PostgreSQL URL (with its credentials: for connecting, never for logs) when other
+        processes may share this store; None for an embedded RocksDB directory."""
+        if self._kv.engine != "postgresql":
+            return None
+        from .postgres import PostgresKV
+
+        assert isinstance(self._kv, PostgresKV)
+        return self._kv.url.url
+
+    @property
+    def write_failure(self) -> str | None:
+        """The engine's error after a failed write, until `recover` succeeds."""
+        return self._kv.write_failure
 
     @property
     def aio(self) -> "AsyncStore":
-        """The trio-facing API over this store (created on first use, with the default limiter)."""
+        """The trio-facing API over this store (created on first use, with the engine's default
+        number of worker threads)."""
         if self._aio is None:
             from .aio import AsyncStore
 
@@ -149,121 +155,27 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
     def statistics(self) -> StoreStatistics:
         c = self._counters
         return StoreStatistics(
-            path=str(self.path),
+            path=self._kv.where,
             schema_version=self.schema_version,
-            sync=bool(self.write_options.sync),
+            sync=self._kv.durable,
             corrupt_records=c.corrupt,
             foreign_records=c.foreign,
             stale_index_entries=c.stale,
             writes=c.writes,
         )
 
-    # --- low-level access shared by the operation mixins -------------------------------------
-
-    def _rdict(self) -> Rdict:
-        db = self.db
-        if db is None:
-            if self.write_failure is not None:  # `recover` is reopening it
-                raise StoreWriteError(f"the store at {self.path} is being reopened after: {self.write_failure}")
-            raise StoreClosedError(f"the store at {self.path} is closed")
-        return db
-
-    def _get(self, key: bytes) -> bytes | None:
-        return self._rdict().get(key)
-
-    def _get_many(self, keys_: list[bytes]) -> list[bytes | None]:
-        if not keys_:
-            return []
-        return self._rdict().get(keys_)
-
-    @staticmethod
-    def _batch() -> WriteBatch:
-        return WriteBatch(raw_mode=True)
-
-    def _write(self, batch: WriteBatch) -> None:
-        if batch.len():
-            try:
-                self._rdict().write(batch)
-            except Exception as error:  # rocksdict raises a bare Exception with RocksDB's status text
-                self.write_failure = str(error)
-                raise StoreWriteError(f"the store at {self.path} cannot be written: {error}") from None
-            self._counters.add("writes")
-
     def recover(self) -> bool:
-        """After a failed write: reopen the database (RocksDB refuses every write until then) and
-        prove it writable. False while it still cannot be written (the disk is still full)."""
-        old, self.db = self.db, None
-        if old is not None:
-            try:
-                old.close()
-            except Exception:  # the failed write's error again; the handle is released anyway
-                pass
-            del old
-        try:
-            db = Rdict(str(self.path), self._options())
-            db.set_write_options(self.write_options)
-            db.put(keys.WRITE_PROBE, str(now_ms()).encode())
-        except Exception as error:
-            self.write_failure = str(error)
-            try:
-                db.close()  # type: ignore[possibly-undefined]
-            except Exception:
-                pass
+        """After a failed write: make the store take writes again (RocksDB: reopen it, as it refuses
+        every write until then; PostgreSQL: drop dead connections) and prove it with a probe write.
+        False while it still cannot be written (the disk is still full, the server still down)."""
+        if not self._kv.recover():
             return False
         with self._tails_lock:
             self._tails.clear()  # sequences taken by writes that failed are read afresh
-        self.db = db
-        self.write_failure = None
         return True
 
-    def _scan(self, prefix: bytes, *, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) whose key starts with `prefix`, in key order (or reversed)."""
-        db = self._rdict()
-        if reverse:
-            items = db.items(from_key=keys.next_prefix(prefix), backwards=True)
-        else:
-            read_options = ReadOptions()
-            read_options.set_iterate_upper_bound(keys.next_prefix(prefix))
-            items = db.items(from_key=prefix, read_opt=read_options)
-        for key, value in items:
-            if not key.startswith(prefix):
-                if reverse and key >= prefix:
-                    continue  # cannot happen for ':'-ended prefixes; be safe
-                break
-            yield key, value
-
-    def _decode(self, cls: type[R], key: bytes, raw: bytes | None) -> R | None:
-        """Decode a stored value, or log + count + return None when it is corrupt or missing."""
-        if raw is None:
-            return None
-        try:
-            return decode(cls, raw)
-        except CorruptRecord as error:
-            self._counters.add("corrupt")
-            log.warning("corrupt %s record at %r skipped: %s", cls.__name__, key[:200], error)
-            return None
-
-    def _load(self, cls: type[R], key: bytes) -> R | None:
-        return self._decode(cls, key, self._get(key))
-
-    def _count(self, name: str, n: int = 1) -> None:
-        self._counters.add(name, n)
-
-    # --- per-chat tail (last seq, last ts in ms), cached ------------------------------------------
-
-    def _tail_get(self, chat_id: str) -> tuple[int, int] | None:
-        with self._tails_lock:
-            tail = self._tails.get(chat_id)
-            if tail is not None:
-                self._tails.move_to_end(chat_id)
-            return tail
-
-    def _tail_set(self, chat_id: str, tail: tuple[int, int] | None) -> None:
-        with self._tails_lock:
-            if tail is None:
-                self._tails.pop(chat_id, None)
-                return
-            self._tails[chat_id] = tail
-            self._tails.move_to_end(chat_id)
-            while len(self._tails) > TAIL_CACHE_SIZE:
-                self._tails.popitem(last=False)
+    def _rdict(self) -> "Rdict":
+        """The RocksDB handle (RocksDB stores only; tests and tools that need RocksDB itself)."""
+        if not isinstance(self._kv, RocksKV):
+            raise TypeError(f"the store at {self.where} is not a RocksDB directory")
+        return self._kv.rdict()

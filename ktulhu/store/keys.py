@@ -14,6 +14,7 @@ key                                                    value
 ``device_chat:<device_hash>:<chat_id>``                chat id, raw (original device -> chat index)
 ``device_chat_index:built``                            ``1`` (original)
 ``meta:schema_version``                                decimal schema version (new)
+``meta:copy_progress``                                 JSON: an unfinished `ktulhu store copy` (new)
 ``msg:<chat_id>:<seq, 12 digits>``                     Message JSON (new messages, ts in ms)
 ``apikey:<key_id>``                                    ApiKey JSON
 ``stripe_event:<event_id>``                            StripeEvent JSON
@@ -65,6 +66,8 @@ MAX_TEXT_KEY = 512
 SCHEMA_VERSION = b"meta:schema_version"
 #: Written by `Store.recover` to prove the reopened store takes writes (the time, ms).
 WRITE_PROBE = b"meta:write_probe"
+#: In a store `ktulhu store copy` is writing, until the copy is complete (`copy.py`).
+COPY_PROGRESS = b"meta:copy_progress"
 DEVICE_INDEX_BUILT = b"device_chat_index:built"
 
 CHAT_META = b"chat:meta:"

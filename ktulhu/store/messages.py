@@ -9,28 +9,29 @@ a reply never sorts before its prompt — by key or by time. Messages the origin
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import attrs
 
 from . import keys
+from .core import StoreCore
 from .keys import check_id
+from .kv import Batch
 from .records import Message, encode, now_ms
 
-if TYPE_CHECKING:
-    from rocksdict import WriteBatch
 
 __all__ = ["MessageOps"]
 
 SUMMARY = "summary"
 
 
-class MessageOps:
+class MessageOps(StoreCore):
     """Mixin of `Store`: every method is synchronous, thread-safe and validates its ids first."""
 
     # --- writes ------------------------------------------------------------------------------
 
-    def save_message(self: Any, message: Message, *, existing_chat_only: bool = False) -> Message | None:
+    def save_message(self, message: Message, *, existing_chat_only: bool = False) -> Message | None:
         """Store `message` and return it as stored (with ``seq``, and ``ts`` never before the chat's
         previous message). A message whose id the chat already has is replaced in place, keeping its
         position. Raises `InvalidId` for an unsafe chat or message id.
@@ -49,7 +50,7 @@ class MessageOps:
                 self._refresh_summary_pointer(chat_id)
         return stored
 
-    def delete_message(self: Any, chat_id: str, message_id: str) -> bool:
+    def delete_message(self, chat_id: str, message_id: str) -> bool:
         """Delete one message; False when the chat has no message with that id."""
         check_id(chat_id, "chat id")
         check_id(message_id, "message id")
@@ -65,11 +66,11 @@ class MessageOps:
                 self._refresh_summary_pointer(chat_id)
             return True
 
-    def set_message_liked(self: Any, chat_id: str, message_id: str, liked: bool) -> bool:
+    def set_message_liked(self, chat_id: str, message_id: str, liked: bool) -> bool:
         """Set the ``liked`` flag; False when the message is not found (or unreadable)."""
         return self.update_message(chat_id, message_id, lambda m: _with(m, liked=bool(liked))) is not None
 
-    def update_message(self: Any, chat_id: str, message_id: str, change: Any) -> Message | None:
+    def update_message(self, chat_id: str, message_id: str, change: Callable[[Message], Message]) -> Message | None:
         """Read-modify-write one message under the chat's lock: `change(message) -> message`.
 
         Id, chat and position are kept. Returns the stored message, or None when not found."""
@@ -89,7 +90,7 @@ class MessageOps:
                 self._refresh_summary_pointer(chat_id)
             return new
 
-    def remove_messages_by_role(self: Any, chat_id: str, role: str) -> int:
+    def remove_messages_by_role(self, chat_id: str, role: str) -> int:
         """Delete every message of the chat with `role`; returns how many (one batch)."""
         check_id(chat_id, "chat id")
         with self._locks.hold("chat:" + chat_id):
@@ -105,7 +106,7 @@ class MessageOps:
             return count
 
     def replace_summary(
-        self: Any, chat_id: str, text: str, *, language: str | None = None,
+        self, chat_id: str, text: str, *, language: str | None = None,
         message_id: str | None = None, ts: int | None = None, existing_chat_only: bool = False,
     ) -> Message | None:
         """Atomically delete the chat's ``summary`` messages and save a new one with `text`
@@ -129,7 +130,7 @@ class MessageOps:
 
     # --- reads -------------------------------------------------------------------------------
 
-    def list_messages_for_chat(self: Any, chat_id: str, *, last: int | None = None) -> list[Message]:
+    def list_messages_for_chat(self, chat_id: str, *, last: int | None = None) -> list[Message]:
         """The chat's messages in order (original records first, then by ``seq``).
 
         With `last`, only the newest `last` messages (still oldest first), read from the end."""
@@ -140,7 +141,7 @@ class MessageOps:
             return []
         newest: list[Message] = []
         for prefix in (keys.msg_prefix(chat_id), keys.legacy_msg_prefix(chat_id)):
-            for key, raw in self._scan(prefix, reverse=True):
+            for key, raw in self._scan(prefix, reverse=True, page=last - len(newest)):
                 message = self._message_of(chat_id, key, raw)
                 if message is not None:
                     newest.append(message)
@@ -148,7 +149,7 @@ class MessageOps:
                         return newest[::-1]
         return newest[::-1]
 
-    def find_message(self: Any, chat_id: str, message_id: str) -> Message | None:
+    def find_message(self, chat_id: str, message_id: str) -> Message | None:
         """One message by id (through the index), or None."""
         check_id(chat_id, "chat id")
         check_id(message_id, "message id")
@@ -160,7 +161,7 @@ class MessageOps:
             return None
         return message
 
-    def chat_summary(self: Any, chat_id: str) -> Message | None:
+    def chat_summary(self, chat_id: str) -> Message | None:
         """The chat's last ``summary`` message, or None (one index read, no scan)."""
         check_id(chat_id, "chat id")
         key = self._get(keys.ix_summary(chat_id))
@@ -175,7 +176,7 @@ class MessageOps:
                 return message
         return None
 
-    def list_recent_messages(self: Any, limit: int) -> list[Message]:
+    def list_recent_messages(self, limit: int) -> list[Message]:
         """The newest `limit` messages of the whole store, ``ts`` descending then id ascending
         (the original's order), read from the end of the recent index: no scan. limit <= 0 -> []."""
         if limit <= 0:
@@ -194,7 +195,7 @@ class MessageOps:
                 found.append(message)
             pending.clear()
 
-        for key, target in self._scan(keys.IX_RECENT, reverse=True):
+        for key, target in self._scan(keys.IX_RECENT, reverse=True, page=limit + 1):
             ts = int(key[len(keys.IX_RECENT): len(keys.IX_RECENT) + 16])
             if boundary is not None and ts != boundary:
                 break
@@ -209,7 +210,7 @@ class MessageOps:
         found.sort(key=lambda m: (-m.ts_ms, m.id))
         return found[:limit]
 
-    def list_messages_for_device(self: Any, device_hash: str) -> list[Message]:
+    def list_messages_for_device(self, device_hash: str) -> list[Message]:
         """All messages of the device's chats, ``ts`` ascending (stable)."""
         messages: list[Message] = []
         for chat in self.list_chats_for_device(device_hash):
@@ -219,14 +220,14 @@ class MessageOps:
 
     # --- internals (callers hold the chat's lock) ----------------------------------------------
 
-    def _message_of(self: Any, chat_id: str, key: bytes, raw: bytes) -> Message | None:
+    def _message_of(self, chat_id: str, key: bytes, raw: bytes) -> Message | None:
         message = self._decode(Message, key, raw)
         if message is not None and message.chat_id != chat_id:
             self._count("foreign")
             return None
         return message
 
-    def _chat_entries(self: Any, chat_id: str) -> Any:
+    def _chat_entries(self, chat_id: str) -> Iterator[tuple[bytes, Message]]:
         """(key, message) for every readable message of the chat, in order."""
         for prefix in (keys.legacy_msg_prefix(chat_id), keys.msg_prefix(chat_id)):
             for key, raw in self._scan(prefix):
@@ -234,27 +235,27 @@ class MessageOps:
                 if message is not None:
                     yield key, message
 
-    def _chat_gone(self: Any, chat_id: str) -> bool:
+    def _chat_gone(self, chat_id: str) -> bool:
         """No metadata and no message: the chat was deleted (or never existed)."""
         if self._get(keys.chat_meta_key(chat_id)) is not None:
             return False
         return not any(True for prefix in (keys.legacy_msg_prefix(chat_id), keys.msg_prefix(chat_id))
-                       for _ in self._scan(prefix))
+                       for _ in self._scan(prefix, page=1))
 
-    def _chat_tail(self: Any, chat_id: str) -> tuple[int, int]:
+    def _chat_tail(self, chat_id: str) -> tuple[int, int]:
         """(last seq, last ts in ms) of the chat: cached, else read from the ends of both prefixes."""
         tail = self._tail_get(chat_id)
         if tail is not None:
             return tail
         seq, last_ts = 0, 0
-        for key, raw in self._scan(keys.msg_prefix(chat_id), reverse=True):
-            seq = keys.seq_of_msg_key(key)
+        for key, raw in self._scan(keys.msg_prefix(chat_id), reverse=True, page=2):
+            seq = max(seq, keys.seq_of_msg_key(key))  # the last key's, even when its value is corrupt
             message = self._message_of(chat_id, key, raw)
             if message is not None:
                 last_ts = message.ts_ms
                 break
         if last_ts == 0:
-            for key, raw in self._scan(keys.legacy_msg_prefix(chat_id), reverse=True):
+            for key, raw in self._scan(keys.legacy_msg_prefix(chat_id), reverse=True, page=2):
                 message = self._message_of(chat_id, key, raw)
                 if message is not None:
                     last_ts = message.ts_ms
@@ -262,7 +263,7 @@ class MessageOps:
         return seq, last_ts
 
     def _put_message(
-        self: Any, batch: "WriteBatch", message: Message, *, fresh: bool = False
+        self, batch: Batch, message: Message, *, fresh: bool = False
     ) -> tuple[Message, bool]:
         """Add the message and its index entries to `batch`; returns (stored, summary pointer stale).
 
@@ -294,14 +295,14 @@ class MessageOps:
         return message, summary_changed
 
     def _drop_message(
-        self: Any, batch: "WriteBatch", chat_id: str, message_id: str, key: bytes, message: Message | None
+        self, batch: Batch, chat_id: str, message_id: str, key: bytes, message: Message | None
     ) -> None:
         batch.delete(key)
         batch.delete(keys.ix_msg_id(chat_id, message_id))
         if message is not None:
             batch.delete(keys.ix_recent(message.ts_ms, chat_id, message.id))
 
-    def _refresh_summary_pointer(self: Any, chat_id: str) -> None:
+    def _refresh_summary_pointer(self, chat_id: str) -> None:
         """Point ``ix:summary:<chat>`` at the chat's last summary message (after a write)."""
         last = None
         for key, message in self._chat_entries(chat_id):

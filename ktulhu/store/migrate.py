@@ -1,4 +1,5 @@
-"""The versioned schema migration, run by `Store.open` before the store is used.
+"""The versioned schema migration, run by `Store.open` before the store is used (on PostgreSQL
+under the store's migration lock, so replicas starting together migrate one after the other).
 
 ``meta:schema_version`` holds the version (absent = 0: a fresh directory or one the original wrote).
 
@@ -16,7 +17,6 @@ import logging
 from typing import TYPE_CHECKING
 
 import attrs
-from rocksdict import WriteOptions
 
 from . import keys
 from .errors import StoreError
@@ -55,22 +55,25 @@ def read_version(store: "Store") -> int:
     try:
         return int(raw.decode())
     except ValueError:
-        raise StoreError(f"the store at {store.path} has an unreadable schema version {raw[:40]!r}") from None
+        raise StoreError(f"the store at {store.where} has an unreadable schema version {raw[:40]!r}") from None
 
 
 def migrate(store: "Store") -> int:
     """Bring the store to `SCHEMA_VERSION`; returns the version it was at. Blocking."""
+    if store._get(keys.COPY_PROGRESS) is not None:
+        raise StoreError(f"the store at {store.where} is an unfinished copy (`ktulhu store copy` stopped before "
+                         "the end); run the same copy command again to finish it")
     version = read_version(store)
     if version > SCHEMA_VERSION:
         raise StoreError(
-            f"the store at {store.path} has schema version {version}, newer than this Ktulhu "
-            f"understands ({SCHEMA_VERSION}); upgrade Ktulhu or use another KTULHU_DB_PATH"
+            f"the store at {store.where} has schema version {version}, newer than this Ktulhu "
+            f"understands ({SCHEMA_VERSION}); upgrade Ktulhu or use another KTULHU_STORE"
         )
     if version < 1:
         if _is_empty(store):
-            log.info("new store at %s: schema version %d", store.path, SCHEMA_VERSION)
+            log.info("new store at %s: schema version %d", store.where, SCHEMA_VERSION)
         else:
-            log.info("migrating the store at %s from schema version %d to 1: building indexes", store.path, version)
+            log.info("migrating the store at %s from schema version %d to 1: building indexes", store.where, version)
             report = rebuild_indexes(store)
             log.info("store indexes built: %s", report)
         _set_version(store, 1)
@@ -79,15 +82,11 @@ def migrate(store: "Store") -> int:
 
 
 def _is_empty(store: "Store") -> bool:
-    for _ in store._rdict().keys():
-        return False
-    return True
+    return store._kv.is_empty()
 
 
 def _set_version(store: "Store", version: int) -> None:
-    synced = WriteOptions()
-    synced.sync = True
-    store._rdict().put(keys.SCHEMA_VERSION, str(version).encode(), synced)
+    store._kv.put_durable(keys.SCHEMA_VERSION, str(version).encode())
 
 
 class _Writer:
@@ -107,10 +106,11 @@ class _Writer:
 
 def rebuild_indexes(store: "Store") -> IndexReport:
     """Delete and rebuild every index from the records. Blocking; needs exclusive use of the store."""
-    db = store._rdict()
     report = IndexReport()
+    clear = store._batch()
     for prefix in (keys.IX, keys.DEVICE_CHAT):
-        db.delete_range(prefix, keys.next_prefix(prefix))
+        clear.delete_range(prefix, keys.next_prefix(prefix))
+    store._write(clear)
     out = _Writer(store)
 
     def skip(what: str, key: bytes) -> None:

@@ -13,17 +13,16 @@ import logging
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import keys
+from .core import StoreCore
 from .errors import IdentityTaken, InvalidId
 from .keys import check_id, is_valid_id
+from .kv import Batch
 from .records import User, UserDevice, encode, now_ms
 
-if TYPE_CHECKING:
-    from rocksdict import WriteBatch
 
 __all__ = ["QuotaResult", "UserOps", "normalise_email"]
 
@@ -63,12 +62,12 @@ def _identities(user: User | None) -> dict[bytes, tuple[str, str]]:
     return found
 
 
-class UserOps:
+class UserOps(StoreCore):
     """Mixin of `Store`: every method is synchronous, thread-safe and validates its ids first."""
 
     # --- users ---------------------------------------------------------------------------------
 
-    def save_user(self: Any, user: User) -> User:
+    def save_user(self, user: User) -> User:
         """Store the user and its email/provider index entries atomically.
 
         Raises `IdentityTaken` when a newly given email or provider id belongs to another user."""
@@ -78,7 +77,7 @@ class UserOps:
             self._put_user(user, old)
         return user
 
-    def update_user(self: Any, user_id: str, change: Callable[[User], User]) -> User | None:
+    def update_user(self, user_id: str, change: Callable[[User], User]) -> User | None:
         """Read-modify-write the user under its lock (role, credentials, OAuth merge...); None when
         the user does not exist. `IdentityTaken` as for `save_user` (nothing written then)."""
         check_id(user_id, "user id")
@@ -91,7 +90,7 @@ class UserOps:
             self._put_user(new, old)
             return new
 
-    def increment_generation_count(self: Any, user_id: str, *, limit: int | None = None, by: int = 1) -> QuotaResult:
+    def increment_generation_count(self, user_id: str, *, limit: int | None = None, by: int = 1) -> QuotaResult:
         """Atomically check the quota and add `by` to ``generation_count``.
 
         With a `limit`, an increment that would pass it is refused (``allowed=False``, count
@@ -110,26 +109,26 @@ class UserOps:
             self._write(batch)
             return QuotaResult(allowed=True, generation_count=new_count)
 
-    def load_user(self: Any, user_id: str) -> User | None:
+    def load_user(self, user_id: str) -> User | None:
         """The user, or None when missing (or corrupt: logged and counted)."""
         check_id(user_id, "user id")
         return self._load(User, keys.user_key(user_id))
 
-    def list_users(self: Any) -> list[User]:
+    def list_users(self) -> list[User]:
         """Every user (admin use)."""
         return [u for k, v in self._scan(keys.USER) if (u := self._decode(User, k, v)) is not None]
 
-    def find_user_by_email(self: Any, email: str) -> User | None:
+    def find_user_by_email(self, email: str) -> User | None:
         """The user with this email (normalised), through the index."""
         if not isinstance(email, str) or not email.strip():
             return None
         return self._user_by_index(keys.ix_user_email(normalise_email(email)))
 
-    def find_user_by_provider(self: Any, provider_id: str) -> User | None:
+    def find_user_by_provider(self, provider_id: str) -> User | None:
         """The user who signs in with `provider_id` (``google:<sub>``...), through the index."""
         return self._user_by_index(keys.ix_user_provider(provider_id))
 
-    def delete_user(self: Any, user_id: str) -> bool:
+    def delete_user(self, user_id: str) -> bool:
         """Delete the user, its devices (and their lookups), its API keys and its index entries.
 
         Chats and messages are kept (as the original did). False when the user did not exist."""
@@ -157,7 +156,7 @@ class UserOps:
 
     # --- devices -------------------------------------------------------------------------------
 
-    def add_device_for_user(self: Any, user_id: str, device_hash: str, *, now: int | None = None) -> UserDevice:
+    def add_device_for_user(self, user_id: str, device_hash: str, *, now: int | None = None) -> UserDevice:
         """Register a sign-in from `device_hash`: the user's existing record for that hash gets
         ``last_seen_ts`` updated, else a new one is created; ``device_lookup`` points at the user."""
         check_id(user_id, "user id")
@@ -182,16 +181,16 @@ class UserOps:
             self._write(batch)
             return device
 
-    def list_devices_for_user(self: Any, user_id: str) -> list[UserDevice]:
+    def list_devices_for_user(self, user_id: str) -> list[UserDevice]:
         check_id(user_id, "user id")
         return [d for k, v in self._scan(keys.user_device_prefix(user_id))
                 if (d := self._decode(UserDevice, k, v)) is not None]
 
-    def list_all_devices(self: Any) -> list[UserDevice]:
+    def list_all_devices(self) -> list[UserDevice]:
         """Every registered device (admin use)."""
         return [d for k, v in self._scan(keys.USER_DEVICE) if (d := self._decode(UserDevice, k, v)) is not None]
 
-    def find_devices_by_hash(self: Any, device_hash: str) -> list[UserDevice]:
+    def find_devices_by_hash(self, device_hash: str) -> list[UserDevice]:
         """Every user's device record for this hash, through the index."""
         check_id(device_hash, "device hash")
         targets = [t for _, t in self._scan(keys.ix_device_prefix(device_hash))]
@@ -204,7 +203,7 @@ class UserOps:
                 found.append(device)
         return found
 
-    def user_id_for_device(self: Any, device_hash: str) -> str | None:
+    def user_id_for_device(self, device_hash: str) -> str | None:
         """The last user who signed in from this device (``device_lookup``), or None."""
         check_id(device_hash, "device hash")
         raw = self._get(keys.device_lookup_key(device_hash))
@@ -212,7 +211,7 @@ class UserOps:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _user_by_index(self: Any, index_key: bytes) -> User | None:
+    def _user_by_index(self, index_key: bytes) -> User | None:
         raw = self._get(index_key)
         if raw is None:
             return None
@@ -224,7 +223,7 @@ class UserOps:
             self._count("stale")
         return user
 
-    def _put_user(self: Any, user: User, old: User | None, *, also: list[tuple[bytes, bytes]] = ()) -> None:
+    def _put_user(self, user: User, old: User | None, *, also: list[tuple[bytes, bytes]] = ()) -> None:
         """Write the user and its identity index changes (caller holds the user's lock), plus the
         records in `also`, all in one batch."""
         old_ids, new_ids = _identities(old), _identities(user)
@@ -249,7 +248,7 @@ class UserOps:
                 batch.put(key, value)
             self._write(batch)
 
-    def _index_user(self: Any, batch: "WriteBatch", user: User, taken: dict[bytes, bytes]) -> int:
+    def _index_user(self, batch: Batch, user: User, taken: dict[bytes, bytes]) -> int:
         """Migration: index a user's identities unless an earlier user already has them; returns
         how many were already taken (logged)."""
         conflicts = 0

@@ -1,14 +1,24 @@
-"""Fixtures: a fresh store, and a `chatdb/` written in the original server's exact layout and JSON."""
+"""Fixtures: a fresh store on each engine, and a `chatdb/` written in the original server's exact
+layout and JSON.
+
+The whole suite runs against both engines: `engine` is parametrized over RocksDB and PostgreSQL
+(a real server, `tests/postgres.py`, one fresh database per store). A module whose tests are about
+RocksDB itself overrides `engine` with a plain fixture returning "rocksdb" and says why.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from rocksdict import Options, Rdict
 
 from ktulhu.store import Store
+
+ENGINES = ["rocksdb", "postgresql"]
+Location = Path | str
 
 # Records exactly as the original (serde_json, compact, all optional fields as null) wrote them.
 LEGACY_MESSAGES = [
@@ -73,12 +83,48 @@ def write_legacy_db(path: Path) -> None:
 
 
 def dump(store: Store, prefix: bytes = b"") -> dict[bytes, bytes]:
-    return {k: v for k, v in store._rdict().items() if k.startswith(prefix)}
+    """Every key and value under `prefix`, on either engine."""
+    return dict(store._scan(prefix))
+
+
+def raw_put(store: Store, key: bytes, value: bytes) -> None:
+    """Write bytes behind the operations' back (corrupt records, old versions), on either engine."""
+    batch = store._batch()
+    batch.put(key, value)
+    store._write(batch)
+
+
+def raw_delete(store: Store, key: bytes) -> None:
+    batch = store._batch()
+    batch.delete(key)
+    store._write(batch)
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "chatdb")
+def new_location(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], Location]:
+    """Makes fresh, empty store locations of the test's engine: directories, or new databases."""
+    if engine == "rocksdb":
+        numbers = itertools.count(1)
+        return lambda: tmp_path / f"chatdb-{next(numbers)}"
+    from tests.postgres import fresh_database
+
+    server = request.getfixturevalue("postgres_server")
+    return lambda: fresh_database(server)
+
+
+@pytest.fixture
+def location(new_location: Callable[[], Location]) -> Location:
+    return new_location()
+
+
+@pytest.fixture
+def store(location: Location) -> Iterator[Store]:
+    s = Store.open(location)
     yield s
     s.close()
 
@@ -88,3 +134,35 @@ def legacy_path(tmp_path: Path) -> Path:
     path = tmp_path / "legacy-chatdb"
     write_legacy_db(path)
     return path
+
+
+@pytest.fixture
+def on_engine(engine: str, new_location: Callable[[], Location]) -> Callable[[Path], Location]:
+    """`on_engine(directory)`: a RocksDB directory written with rocksdict (the original's layout) as
+    a store of the test's engine: the directory itself, or a copy of it (`ktulhu store copy`) in a new
+    PostgreSQL database, unmigrated like the original."""
+
+    def convert(path: Path) -> Location:
+        if engine == "rocksdb":
+            return path
+        from ktulhu.store.copy import copy_store
+
+        url = new_location()
+        assert copy_store(path, url, progress=False, out=_Discard()).verified
+        return url
+
+    return convert
+
+
+@pytest.fixture
+def legacy_location(legacy_path: Path, on_engine: Callable[[Path], Location]) -> Location:
+    """The original server's `chatdb/` on the test's engine (schema 0: the first open migrates it)."""
+    return on_engine(legacy_path)
+
+
+class _Discard:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass

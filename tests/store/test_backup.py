@@ -1,6 +1,11 @@
 """`ktulhu store backup|restore`: exact copies of a closed store, point-in-time copies of a store a
 separate process keeps writing (no torn WriteBatch, gap-free message sequences), and refusals that
-change nothing."""
+change nothing.
+
+RocksDB only (these tests take no `store`/`engine` fixture): backups are RocksDB checkpoints read
+through a secondary instance. A PostgreSQL store is backed up with pg_dump, or copied into a RocksDB
+directory with `ktulhu store copy` (tests/store/test_copy.py, which also checks that backup and
+restore refuse a PostgreSQL store)."""
 
 from __future__ import annotations
 

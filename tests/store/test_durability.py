@@ -16,13 +16,14 @@ import pytest
 from ktulhu.store import Message, Store, StoreLockedError
 from ktulhu.store import keys
 
+from .conftest import raw_put
+
 REPO = Path(__file__).resolve().parents[2]
 
 WRITER = textwrap.dedent("""
     import sys
-    from pathlib import Path
     from ktulhu.store import Store, Message, User
-    store = Store.open(Path(sys.argv[1]))
+    store = Store.open(sys.argv[1])
     store.save_user(User(id="u", created_ts=1))
     print("ready", flush=True)
     i = 0
@@ -34,8 +35,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
-    path = tmp_path / "db"
+def test_acknowledged_writes_survive_kill_9(location: Path | str) -> None:
+    path = location
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
@@ -63,6 +64,8 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
 
 
 def test_a_second_process_gets_the_lock_error(tmp_path: Path) -> None:
+    # RocksDB only: a directory belongs to one process; PostgreSQL is opened by several on purpose
+    # (tests/store/test_postgres.py runs two stores on one database).
     path = tmp_path / "db"
     store = Store.open(path)
     try:
@@ -86,9 +89,9 @@ def test_corrupt_values_are_logged_counted_and_skipped(store: Store, caplog: pyt
     store.save_message(Message(id="bad", chat_id="c", role="user", ts=1_700_000_000_001))
     store.ensure_chat_for_device("c", "dev")
     bad_key = store._get(keys.ix_msg_id("c", "bad"))
-    store._rdict().put(bad_key, b'{"id": "bad", "chat_id": "c", "ts": "not a number"')
-    store._rdict().put(keys.chat_meta_key("broken"), b"\x00\xff")
-    store._rdict().put(keys.user_key("u9"), b"[]")
+    raw_put(store, bad_key, b'{"id": "bad", "chat_id": "c", "ts": "not a number"')
+    raw_put(store, keys.chat_meta_key("broken"), b"\x00\xff")
+    raw_put(store, keys.user_key("u9"), b"[]")
     with caplog.at_level(logging.WARNING, logger="ktulhu.store"):
         assert [m.id for m in store.list_messages_for_chat("c")] == ["good"]
         assert [m.id for m in store.list_recent_messages(10)] == ["good"]
@@ -103,21 +106,22 @@ def test_corrupt_values_are_logged_counted_and_skipped(store: Store, caplog: pyt
     assert store.delete_thread("c") == 1
 
 
-def test_a_store_from_a_newer_ktulhu_is_refused(tmp_path: Path) -> None:
+def test_a_store_from_a_newer_ktulhu_is_refused(location: Path | str) -> None:
     from ktulhu.store import StoreError
 
-    store = Store.open(tmp_path / "db")
-    store._rdict().put(keys.SCHEMA_VERSION, b"99")
+    store = Store.open(location)
+    raw_put(store, keys.SCHEMA_VERSION, b"99")
     store.close()
     with pytest.raises(StoreError, match="newer than this Ktulhu"):
-        Store.open(tmp_path / "db")
-    Store.open(tmp_path / "db", migrate=False).close()  # and the lock was released
+        Store.open(location)
+    Store.open(location, migrate=False).close()  # and the lock was released
 
 
 def test_sync_mode_fsyncs_every_write_and_reads_back(tmp_path: Path) -> None:
+    # RocksDB only: KTULHU_DB_SYNC is RocksDB's fsync per write (PostgreSQL commits always are durable)
     store = Store.open(tmp_path / "db", sync=True)
     try:
-        assert store.statistics().sync is True and store.write_options.sync is True
+        assert store.statistics().sync is True and store._kv.write_options.sync is True
         store.save_message(Message(id="m", chat_id="c", role="user", ts=1_700_000_000_000))
     finally:
         store.close()

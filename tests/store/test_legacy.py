@@ -1,7 +1,9 @@
-"""A `chatdb/` written by the original opens, reads in order, and gets its indexes by migration."""
+"""A `chatdb/` written by the original opens, reads in order, and gets its indexes by migration (on
+PostgreSQL: the same directory copied into a database with `ktulhu store copy`, then opened)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from rocksdict import Options, Rdict
@@ -10,11 +12,11 @@ from ktulhu.store import Message, Store
 from ktulhu.store import keys
 from ktulhu.store.migrate import SCHEMA_VERSION, rebuild_indexes
 
-from .conftest import LEGACY_MESSAGES, dump
+from .conftest import LEGACY_MESSAGES, Location, dump, raw_delete
 
 
-def test_original_db_opens_and_reads(legacy_path: Path) -> None:
-    store = Store.open(legacy_path)
+def test_original_db_opens_and_reads(legacy_location: Location) -> None:
+    store = Store.open(legacy_location)
     try:
         assert store.schema_version == SCHEMA_VERSION
         thread = store.list_messages_for_chat("c-legacy-1")
@@ -39,8 +41,8 @@ def test_original_db_opens_and_reads(legacy_path: Path) -> None:
         store.close()
 
 
-def test_original_records_are_left_byte_for_byte(legacy_path: Path) -> None:
-    store = Store.open(legacy_path)
+def test_original_records_are_left_byte_for_byte(legacy_location: Location) -> None:
+    store = Store.open(legacy_location)
     try:
         for chat_id, ts, message_id, raw in LEGACY_MESSAGES:
             assert store._get(keys.legacy_msg_key(chat_id, ts, message_id)) == raw
@@ -48,8 +50,8 @@ def test_original_records_are_left_byte_for_byte(legacy_path: Path) -> None:
         store.close()
 
 
-def test_new_messages_follow_old_ones_with_ms_and_seq(legacy_path: Path) -> None:
-    store = Store.open(legacy_path)
+def test_new_messages_follow_old_ones_with_ms_and_seq(legacy_location: Location) -> None:
+    store = Store.open(legacy_location)
     try:
         reply = store.save_message(Message(id="new-1", chat_id="c-legacy-1", role="user", ts=1_800_000_000_000))
         assert reply.seq == 1
@@ -65,23 +67,23 @@ def test_new_messages_follow_old_ones_with_ms_and_seq(legacy_path: Path) -> None
         store.close()
 
 
-def test_migration_is_idempotent(legacy_path: Path) -> None:
-    store = Store.open(legacy_path)
+def test_migration_is_idempotent(legacy_location: Location) -> None:
+    store = Store.open(legacy_location)
     first = dump(store)
     rebuild_indexes(store)
     assert dump(store) == first
     store.close()
-    store = Store.open(legacy_path)  # at the current version: nothing to do
+    store = Store.open(legacy_location)  # at the current version: nothing to do
     assert dump(store) == first
     # an interrupted migration (version never written) simply runs again
-    store._rdict().delete(keys.SCHEMA_VERSION)
+    raw_delete(store, keys.SCHEMA_VERSION)
     store.close()
-    store = Store.open(legacy_path)
+    store = Store.open(legacy_location)
     assert dump(store) == first
     store.close()
 
 
-def test_migration_skips_injected_and_corrupt_records(tmp_path: Path) -> None:
+def test_migration_skips_injected_and_corrupt_records(tmp_path: Path, on_engine: Callable[[Path], Location]) -> None:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     db = Rdict(str(tmp_path / "db"), options)
@@ -92,7 +94,7 @@ def test_migration_skips_injected_and_corrupt_records(tmp_path: Path) -> None:
     db[b"chat:abc:msg:00000000001700000001:m3"] = b"{garbage"
     db[b"chat:meta:meta"] = b'{"id":"m9","chat_id":"meta","role":"user","ts":1}'  # Message under chat:meta:
     db.close()
-    store = Store.open(tmp_path / "db")
+    store = Store.open(on_engine(tmp_path / "db"))
     try:
         assert [m.id for m in store.list_messages_for_chat("abc")] == ["m2"]
         stats = store.statistics()

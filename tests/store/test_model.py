@@ -3,9 +3,7 @@ full rebuild produces from the records (so no operation ever leaves an index beh
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
 
 from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,6 +11,8 @@ from hypothesis import strategies as st
 from ktulhu.store import Chat, IdentityTaken, Message, Store, User
 from ktulhu.store import keys
 from ktulhu.store.migrate import rebuild_indexes
+
+from .conftest import Location
 
 CHATS = st.sampled_from(["c1", "c2", "c3"])
 MIDS = st.sampled_from(["m1", "m2", "m3", "m4"])
@@ -39,15 +39,17 @@ INDEX_PREFIXES = (keys.IX, keys.DEVICE_CHAT)
 
 
 def index_dump(store: Store) -> dict[bytes, bytes]:
-    return {k: v for k, v in store._rdict().items() if k.startswith(INDEX_PREFIXES)}
+    return {k: v for k, v in store._scan(b"") if k.startswith(INDEX_PREFIXES)}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `new_location` makes a fresh store per example (a new directory, or a new database)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(ops, max_size=40))
 @example([("summary", "c1", "m2"), ("save", "c1", "m1", "user", 1_700_000_000_000), ("summary", "c1", "m2")])
-def test_random_operations_keep_indexes_consistent(sequence: list[tuple]) -> None:
-    directory = Path(tempfile.mkdtemp(prefix="ktulhu-model-"))
-    store = Store.open(directory / "db")
+def test_random_operations_keep_indexes_consistent(new_location: Callable[[], Location],
+                                                   sequence: list[tuple]) -> None:
+    store = Store.open(new_location())
     model: dict[str, list[tuple[str, str, bool]]] = {}  # chat -> [(id, role, liked)] in order
     try:
         for op in sequence:
@@ -120,4 +122,3 @@ def test_random_operations_keep_indexes_consistent(sequence: list[tuple]) -> Non
         assert index_dump(store) == live
     finally:
         store.close()
-        shutil.rmtree(directory, ignore_errors=True)
