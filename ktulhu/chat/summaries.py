@@ -15,7 +15,7 @@ import re
 import attrs
 import trio
 
-from ..engine.prompt import ChatMessage
+from ..engine.prompt import ChatMessage, ContextTooLong
 from ..engine.request import EngineError
 from ..engine.sampling import SamplingParams
 from ..nurseries.runtime import Runtime
@@ -24,7 +24,7 @@ from ..store.errors import StoreError
 from ..store.records import Message
 from .hub import SummaryEvent, SummaryHub
 
-__all__ = ["SummaryWorker", "clean_title", "wants_summary"]
+__all__ = ["SummaryWorker", "clean_title", "excerpt", "title_source", "wants_summary"]
 
 log = logging.getLogger("ktulhu.summaries")
 
@@ -37,6 +37,12 @@ MAX_TOKENS = 24
 PATIENCE_S = 30.0
 POLL_S = 0.05
 GENERATION_TIMEOUT_S = 60.0
+#: Characters of the user messages a title is made from, all together: each message gives its head
+#: (a share of this), so one very long message cannot push the title prompt out of the context.
+SOURCE_CHARS = 1200
+#: When even that does not fit (a small LLAMA_CLI_CTX) the share is halved down to this, and below
+#: it the title is the first words of the chat's first message.
+MIN_SOURCE_CHARS = 100
 #: Engine affinity key: titles share their system prompt, so they reuse one slot's prefix cache
 #: instead of evicting a conversation's.
 ENGINE_KEY = "chat-titles"
@@ -67,6 +73,24 @@ def clean_title(text: str) -> str:
         cut = line[:MAX_TITLE_CHARS]
         line = cut.rsplit(" ", 1)[0] if " " in cut else cut
     return line.strip()
+
+
+def excerpt(text: str, limit: int) -> str:
+    """The head of `text` on one line, at most `limit` characters plus " …" when it was cut (at a
+    word boundary when there is one in the second half)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    if " " in cut[limit // 2:]:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip() + " …"
+
+
+def title_source(texts: list[str], budget: int = SOURCE_CHARS) -> str:
+    """The user turn of a title prompt: each message's head, one per line, about `budget` characters."""
+    share = max(1, budget // max(1, len(texts)))
+    return "\n".join(excerpt(t, share) for t in texts)
 
 
 @attrs.frozen
@@ -137,18 +161,29 @@ class SummaryWorker:
         engine = self.runtime.engine
         if engine is None:
             return
-        messages = [ChatMessage("system", SYSTEM_PROMPT),
-                    ChatMessage("user", "\n".join((m.text or "").strip() for m in users))]
+        texts = [(m.text or "").strip() for m in users]
         params = SamplingParams.defaults(self.runtime.settings, temperature=0.0, max_tokens=MAX_TOKENS)
+        budget = SOURCE_CHARS
+        text: str | None = None
         with trio.move_on_after(GENERATION_TIMEOUT_S) as timer:
-            with await engine.chat(messages, params, chat_id=ENGINE_KEY) as generation:
-                text = await generation.text()
+            while text is None:
+                messages = [ChatMessage("system", SYSTEM_PROMPT), ChatMessage("user", title_source(texts, budget))]
+                try:
+                    with await engine.chat(messages, params, chat_id=ENGINE_KEY) as generation:
+                        text = await generation.text()
+                except ContextTooLong:
+                    if budget <= MIN_SOURCE_CHARS:  # a tiny context: the first words of the chat
+                        text = excerpt(texts[0], MAX_TITLE_CHARS)
+                        break
+                    budget = max(MIN_SOURCE_CHARS, budget // 2)
         if timer.cancelled_caught:  # an overloaded engine: this chat asks again after its next exchange
             self.failed += 1
             log.warning("chat title took longer than %g s; skipped", GENERATION_TIMEOUT_S)
             return
-        title = clean_title(text)
+        title = clean_title(text or "")
         if not title:
+            return
+        if await store.aio.chat_summary(job.chat_id) is not None:  # renamed by someone meanwhile: theirs stays
             return
         message = await store.aio.replace_summary(job.chat_id, title, language=language, existing_chat_only=True)
         chat = None if message is None else await store.aio.touch_chat(job.chat_id, existing_chat_only=True)

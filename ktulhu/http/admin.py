@@ -18,7 +18,7 @@ from quart import Blueprint, Response, request
 
 from ..app_state import current_runtime
 from ..auth.admin import check_admin
-from ..metrics import engine_panel
+from ..metrics import engine_panel, remote_workers
 from ..nurseries.runtime import Runtime
 from ..store.records import Message, User, to_dict
 from .cors import refuse_cross_site_admin
@@ -110,7 +110,9 @@ def _message_json(message: Message) -> dict[str, Any]:
 @blueprint.get("/internal/admin")
 @require_admin
 async def overview_page() -> Response:
-    return render_page("admin/overview.html", page="overview", title="Overview")
+    runtime = current_runtime()
+    workers = remote_workers(runtime.engine.stats()) if runtime.engine is not None else []
+    return render_page("admin/overview.html", page="overview", title="Overview", workers=workers)
 
 
 @blueprint.get("/internal/admin/devices")
@@ -143,7 +145,8 @@ async def users_page() -> Response:
 
 
 def _overview(store: Any) -> dict[str, Any]:
-    """One pass on a store thread: counts over users, devices, chats (with meta) and their messages."""
+    """One pass on a store thread: counts over users, devices, chats (with meta) and their messages
+    (titles, stored as `summary` messages, are not counted as messages)."""
     users = store.list_users()
     devices = store.list_all_devices()
     chats = store.list_chats()
@@ -151,11 +154,13 @@ def _overview(store: Any) -> dict[str, Any]:
     rows = []
     for chat in chats:
         messages = store.list_messages_for_chat(chat.id)
+        # a chat's title is stored as a `summary` message: it is not a message of the conversation
+        summaries = [m for m in messages if m.role == "summary"]
+        messages = [m for m in messages if m.role != "summary"]
         count = len(messages)
         liked_count = sum(1 for m in messages if m.liked)
         total_messages += count
         liked += liked_count
-        summaries = [m for m in messages if m.role == "summary"]
         rows.append({
             "chat_id": chat.id, "summary": summaries[-1].text if summaries else None,
             "title": chat.title, "device_hash": chat.device_hash, "user_id": chat.user_id,

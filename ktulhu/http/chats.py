@@ -6,7 +6,8 @@ anonymous ones), none = anonymous (anonymous chats only, by id). A chat of anoth
 a chat that does not exist reads as empty, as in the original; one whose record cannot be read is
 403 for everyone but the admin. A device listing shows a signed-in user only their own chats on it
 (a device hash proves nothing); the admin or `KTULHU_OPEN_LISTINGS=1` sees every chat. Listings by
-user need that user or the admin.
+user need that user or the admin. `POST /api/chats/claim` gives a signed-in user the anonymous chats whose ids they
+hold.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ..auth.principal import Principal
 from ..chat.access import ChatForbidden, chat_for, listable_chats, lists_everything
 from ..chat.hub import SummaryEvent
 from ..store import Store
+from ..store.errors import CorruptRecord
+from ..store.keys import is_valid_id
 from ..store.records import Chat, to_dict
 from .errors import check_path_id, json_body, json_response, raise_error
 from .identity import request_principal
@@ -30,6 +33,8 @@ blueprint = Blueprint("chats", __name__)
 
 #: Longest summary a caller may set.
 MAX_SUMMARY_CHARS = 500
+#: Most chats one claim request may name.
+MAX_CLAIM = 200
 
 
 def _store() -> Store:
@@ -168,4 +173,56 @@ async def chats_by_user(user_id: str) -> Response:
         chats = await store.aio.list_chats_for_user(user_id)
     else:
         chats = await store.aio.list_chats_owned_by(user_id)
-    return json_response({"user_id": user_id, "count": len(chats), "chats": [to_dict(c) for c in chats]})
+    # `id` is the original's raw Chat field (kept: clients of the original read it); `chat_id` is
+    # the name every other listing uses.
+    entries = [{**to_dict(c), "chat_id": c.id} for c in chats]
+    return json_response({"user_id": user_id, "count": len(chats), "chats": entries})
+
+
+@blueprint.post("/api/chats/claim")
+async def claim_chats() -> Response:
+    """A signed-in user takes over anonymous chats whose ids they hold (the chat page does this at
+    sign-in with the chats this browser made). An anonymous chat's id is the capability to read,
+    continue, rename and delete it, so holding it may also make it yours; after that it is yours
+    alone. Chats of another account are never taken (`forbidden`), unknown ids are reported
+    (`not_found`), and one request claims at most `MAX_CLAIM` chats."""
+    principal = await request_principal()
+    user_id = principal.user_id
+    if user_id is None:
+        raise_error(401, "login_required", "claiming chats needs a signed-in user (Authorization: Bearer ...)")
+    body = await json_body({"chat_ids": ((list,), True)}, max_bytes=64 * 1024)
+    chat_ids = body["chat_ids"]
+    if not all(isinstance(c, str) and is_valid_id(c) for c in chat_ids):
+        raise_error(422, "invalid_body", "`chat_ids` must be chat ids (1-128 characters from A-Z a-z 0-9 _ -)")
+    chat_ids = list(dict.fromkeys(chat_ids))
+    if len(chat_ids) > MAX_CLAIM:
+        raise_error(422, "too_many", f"at most {MAX_CLAIM} chats per request")
+    store = _store()
+
+    def adopt(chat: Chat) -> Chat:  # under the chat's lock: only a chat that is still nobody's
+        if chat.user_id is None:
+            chat.user_id = user_id
+        return chat
+
+    result: dict[str, list[str]] = {"claimed": [], "already_yours": [], "forbidden": [], "not_found": []}
+    for chat_id in chat_ids:
+        try:
+            chat = await store.aio.load_chat(chat_id, strict=True)
+        except CorruptRecord:
+            result["forbidden"].append(chat_id)  # fails closed, like every other access
+            continue
+        if chat is None:
+            result["not_found"].append(chat_id)
+        elif chat.user_id == user_id:
+            result["already_yours"].append(chat_id)
+        elif chat.user_id is not None:
+            result["forbidden"].append(chat_id)
+        else:
+            updated = await store.aio.update_chat(chat_id, adopt)
+            if updated is None:
+                result["not_found"].append(chat_id)  # deleted meanwhile
+            elif updated.user_id == user_id:
+                result["claimed"].append(chat_id)
+            else:
+                result["forbidden"].append(chat_id)  # someone else claimed it first
+    return json_response({"user_id": user_id, **result})

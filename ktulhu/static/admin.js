@@ -245,6 +245,34 @@
 
   // --- latest messages -----------------------------------------------------------------------
 
+  // Long messages are shown as their head (a few lines) with a button for the rest, so one long
+  // message cannot stretch the table over thousands of pixels.
+  const PREVIEW_CHARS = 280;
+  const PREVIEW_LINES = 4;
+
+  function preview(text) {
+    const lines = text.split("\n");
+    let head = lines.slice(0, PREVIEW_LINES).join("\n");
+    if (head.length > PREVIEW_CHARS) head = head.slice(0, PREVIEW_CHARS);
+    return head.length < text.length ? head.replace(/\s+$/, "") + " …" : text;
+  }
+
+  function textCell(value) {
+    const full = String(value || "");
+    const short = preview(full);
+    if (short === full) return el("td", { className: "text", text: full });
+    const shown = el("span", { className: "clip", text: short });
+    const more = "Show all (" + full.length.toLocaleString() + " characters)";
+    const toggle = el("button", { type: "button", className: "small more", text: more, "aria-expanded": "false" });
+    toggle.addEventListener("click", () => {
+      const open = toggle.getAttribute("aria-expanded") !== "true";
+      shown.textContent = open ? full : short;
+      toggle.textContent = open ? "Show less" : more;
+      toggle.setAttribute("aria-expanded", String(open));
+    });
+    return el("td", { className: "text clipped" }, [shown, " ", toggle]);
+  }
+
   async function loadMessages() {
     const limit = document.getElementById("limit").value;
     const data = await api("GET", "/internal/admin/last?limit=" + encodeURIComponent(limit));
@@ -256,7 +284,7 @@
         el("td", null, [chatLink(message.chat_id)]),
         el("td", { text: message.role }),
         el("td", { text: message.language || "" }),
-        el("td", { className: "text", text: message.text || "" }),
+        textCell(message.text),
       ]));
     }
     status("", "info");

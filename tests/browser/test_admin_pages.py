@@ -1,4 +1,5 @@
-"""Admin pages in a real browser: hostile data renders as text, role change and delete work."""
+"""Admin pages in a real browser: hostile data renders as text, role change and delete work, long
+messages are shortened, totals count messages (not titles), every page has its icon."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import pytest
 import trio
 from playwright.sync_api import sync_playwright
 
+from ktulhu.store.records import Chat, Message, now_ms
 from tests.admin.helpers import ADMIN_PASSWORD, ADMIN_USER, XSS, XSS_SCRIPT, seed, write_credentials
 
 pytestmark = pytest.mark.model
 
 TIMEOUT_MS = 30_000
+#: One very long message (it used to make the Latest messages page 7,473 px tall).
+LONG = "\n".join(f"line {i}: " + "lorem ipsum dolor sit amet " * 6 for i in range(120))
 
 
 def drive_admin(url: str, chromium: str, artifacts: Path, ids: dict) -> dict:
@@ -20,7 +24,8 @@ def drive_admin(url: str, chromium: str, artifacts: Path, ids: dict) -> dict:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         try:
-            context = browser.new_context(http_credentials={"username": ADMIN_USER, "password": ADMIN_PASSWORD})
+            context = browser.new_context(http_credentials={"username": ADMIN_USER, "password": ADMIN_PASSWORD},
+                                          locale="en-US")
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
 
@@ -33,6 +38,8 @@ def drive_admin(url: str, chromium: str, artifacts: Path, ids: dict) -> dict:
 
             page.on("dialog", on_dialog)
             page.on("pageerror", lambda e: report["errors"].append(str(e)))
+            report["not_found"] = []
+            page.on("response", lambda r: report["not_found"].append(r.url) if r.status == 404 else None)
 
             def loaded(path: str, name: str) -> None:
                 page.goto(url + path)
@@ -42,6 +49,9 @@ def drive_admin(url: str, chromium: str, artifacts: Path, ids: dict) -> dict:
             # Overview: stats, recent chats, the thread with its classifier decision.
             loaded("/internal/admin", "overview")
             report["total_users"] = page.text_content("#total_users")
+            report["total_messages"] = page.text_content("#total_messages")
+            report["kv_label"] = page.text_content("#engine .card:has(#engine-kv) .label")
+            report["kv_note"] = page.text_content("#engine-kv-note")
             report["summary_cell"] = page.locator("#recent-chats tbody tr td").nth(1).text_content()
             page.click(f"#recent-chats a:text('{ids['chat_id']}')")
             page.wait_for_selector("#thread .message")
@@ -67,7 +77,16 @@ def drive_admin(url: str, chromium: str, artifacts: Path, ids: dict) -> dict:
 
             loaded("/internal/admin/messages", "messages")
             report["latest_texts"] = page.locator("#messages td.text").all_text_contents()
+            report["page_height"] = page.evaluate("() => document.documentElement.scrollHeight")
+            long_cell = page.locator("#messages td.text.clipped")
+            report["long_shown"] = long_cell.locator(".clip").text_content()
+            report["long_button"] = long_cell.locator("button.more").text_content()
             page.screenshot(path=str(artifacts / "admin-messages.png"), full_page=True)
+            long_cell.locator("button.more").click()
+            page.wait_for_selector("#messages td.text.clipped button.more[aria-expanded='true']")
+            report["long_full"] = long_cell.locator(".clip").text_content()
+            long_cell.locator("button.more").click()
+            page.wait_for_selector("#messages td.text.clipped button.more[aria-expanded='false']")
 
             loaded(f"/internal/admin/chat/{ids['chat_id']}", "chat")
             page.wait_for_selector("#thread .message")
@@ -93,6 +112,10 @@ async def test_admin_pages_escape_and_act(live_server, server_dir, chromium, art
     write_credentials(server_dir)
     async with live_server(KTULHU_ADMIN_RATE="1000") as server:
         ids = await seed(server.runtime)
+        long_chat = "long-" + ids["chat_id"]
+        await server.runtime.store.aio.save_chat(Chat(id=long_chat, updated_ts=now_ms() - 3_600_000, meta={}))
+        await server.runtime.store.aio.save_message(Message(id="long-message", chat_id=long_chat, role="user",
+                                                            text=LONG, language="en", ts=now_ms()))
         report = await trio.to_thread.run_sync(drive_admin, server.url, chromium, artifacts, ids)
         store = server.runtime.store.aio
         assert (await store.load_user(ids["other_id"])).role == "admin"
@@ -107,6 +130,13 @@ async def test_admin_pages_escape_and_act(live_server, server_dir, chromium, art
     assert report["thread_roles"] == ["user", "assistant"]
     assert report["img_count"] == 0
     assert report["total_users"] == "2"
+    assert report["total_messages"] == "3"  # user + assistant + the long one; the title is no message
+    assert report["kv_label"] == "KV cache held" and "not load" in report["kv_note"]
+    assert not report["not_found"], report["not_found"]  # /favicon.ico included
+    assert report["page_height"] < 2500, report["page_height"]
+    assert len(report["long_shown"]) <= 300 and report["long_shown"].endswith(" …")
+    assert report["long_button"] == f"Show all ({len(LONG):,} characters)"
+    assert report["long_full"] == LONG
     assert report["summary_cell"] == f"Summary {XSS}"
     assert f"hello {XSS} {XSS_SCRIPT}" in report["thread_texts"]
     assert f"QUESTION{XSS}" in report["classifier"] and "0.912" in report["classifier"]
