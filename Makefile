@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.ktulhu-installed
 
 GPU ?=
 
-.PHONY: setup model serve test system-packages doctor bench-store bench-engine bench-router bench-ws bench-loop-lag router-model router-eval clean
+.PHONY: setup model serve test system-packages doctor bench-store bench-engine bench-router bench-ws bench-loop-lag bench-scale router-model router-eval clean
 
 # The virtual environment, rebuilt when pyproject.toml changes. llama-cpp-python is compiled for this
 # CPU (native, AMX kernels off) once per machine and kept in ~/.cache/ktulhu/wheels/ under a key of the
@@ -61,6 +61,11 @@ bench-engine: setup model
 # Event-loop lag while a 1 MB /v1 body and a 1,000-message chat are prompted (target < 50 ms).
 bench-loop-lag: setup model
 	$(BIN)/python -m bench.loop_lag
+
+# The scale-out topology (PostgreSQL, llama-server workers, front-ends, nginx): remote-mode overhead
+# and chat affinity; the PostgreSQL store's figures come from bench-store.
+bench-scale: setup model
+	$(BIN)/python -m bench.scale
 
 bench-router: setup
 	$(BIN)/python -m bench.router

@@ -1,4 +1,4 @@
-"""The `ktulhu` command: `serve`, `models pull`, `router ...`, `admin ...`, `store ...`, `agent`, `doctor`, `config`."""
+"""The `ktulhu` command: `serve`, `models pull`, `router ...`, `admin ...`, `keys ...`, `store ...`, `agent`, `doctor`, `config`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import trio
 
 from .logs import configure_logging
 from . import admin_cli
-from . import store_cli
+from . import keys_cli
+from . import local_cluster, store_cli
 from .agent import cli as agent_cli
 from .router import cli as router_cli
 from .settings import Settings, SettingsError, load_settings, setting_fields
@@ -44,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
     router_cli.add_parser(commands)
     admin_cli.add_parser(commands)
+    keys_cli.add_parser(commands)
     store_cli.add_parser(commands)
     agent_cli.add_parser(commands)
+    local_cluster.add_parser(commands)
 
     doctor = commands.add_parser("doctor", help="check that this machine can serve this configuration")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -66,10 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return router_cli.run(args)
         if args.command == "admin":
             return admin_cli.run(args)
+        if args.command == "keys":
+            return keys_cli.run(args)
         if args.command == "store":
             return store_cli.run(args)
         if args.command == "agent":
             return agent_cli.run(args)
+        if args.command == "cluster":
+            return local_cluster.run(args)
         if args.command == "doctor":
             return _doctor(args)
         return _config(args)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import trio
 
 from . import native_build, preflight
@@ -106,6 +107,8 @@ def build_check(marker: dict | None, system_info: str, gpu_offload: bool) -> Che
 
 
 def template_check(settings: Settings) -> Check:
+    if settings.remote:
+        return Check("template", OK, "remote mode: each inference worker applies its own chat template")
     if settings.chat_template_path == "gguf":
         return Check("template", OK, "the template embedded in the GGUF (CHAT_TEMPLATE_PATH=gguf)")
     path = settings.path(settings.chat_template_path)
@@ -123,7 +126,10 @@ def template_check(settings: Settings) -> Check:
 
 
 def store_check(settings: Settings, *, live: bool) -> Check:
-    """The store directory is writable and, outside the server, not held by another process."""
+    """The store directory is writable and, outside the server, not held by another process; a
+    PostgreSQL store answers (checked outside the server: the server's own store is open)."""
+    if settings.store_url:
+        return _postgres_store_check(settings.store_url, live=live)
     path = settings.db_dir
     probe = path if path.exists() else path.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
@@ -140,6 +146,24 @@ def store_check(settings: Settings, *, live: bool) -> Check:
                          "a shared store")
         fcntl.lockf(lock, fcntl.LOCK_UN)
     return Check("store", OK, f"{path} writable, not in use")
+
+
+def _postgres_store_check(url: str, *, live: bool) -> Check:
+    from .store.location import PgUrl
+
+    shown = PgUrl.parse(url)
+    if live:
+        return Check("store", OK, f"{shown} (shared PostgreSQL store, open)")
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            row = conn.execute("SELECT to_regclass('ktulhu_schema') IS NOT NULL").fetchone()
+    except psycopg.Error as error:
+        return Check("store", FAIL, f"{shown} cannot be reached: {shown.redact(' '.join(str(error).split()))[:300]}",
+                     "start the database server, check host, port, database, user and password in KTULHU_STORE")
+    created = "" if row and row[0] else " (tables created at first start)"
+    return Check("store", OK, f"{shown} answers{created}")
 
 
 def port_check(settings: Settings) -> Check:
@@ -198,6 +222,39 @@ def router_check(settings: Settings, proof: preflight.Proof | None, error: str |
                  detail=proof.detail)
 
 
+async def workers_check(settings: Settings) -> Check:
+    """Remote mode: every worker in KTULHU_WORKERS answers its health check (ok), some do (warn), none (fail)."""
+    problems: dict[str, str] = {}
+    limit = settings.worker_health_timeout
+
+    async def probe(client: httpx.AsyncClient, url: str, key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        status = None
+        with trio.move_on_after(limit):
+            try:
+                for path in ("/health", "/v1/models"):  # /v1/models for servers without /health (Ollama)
+                    status = (await client.get(url + path, headers=headers)).status_code
+                    if status != 404:
+                        break
+            except (httpx.HTTPError, OSError) as error:
+                problems[url] = f"{type(error).__name__}: {error}".rstrip(": ")
+                return
+        if status != 200:
+            problems[url] = "no answer in time" if status is None else f"HTTP {status}"
+
+    async with httpx.AsyncClient(timeout=limit, trust_env=False) as client, trio.open_nursery() as nursery:
+        for spec in settings.workers:
+            nursery.start_soon(probe, client, spec.url, spec.key)
+    total = len(settings.workers)
+    up = total - len(problems)
+    summary = f"{up}/{total} inference workers answer" + "".join(f"; {url}: {why}" for url, why in problems.items())
+    detail = {"workers": [spec.url for spec in settings.workers], "down": problems}
+    if not problems:
+        return Check("workers", OK, summary, detail=detail)
+    fix = "start the workers (e.g. llama-server --parallel N) or correct KTULHU_WORKERS"
+    return Check("workers", WARN if up else FAIL, summary, fix, detail)
+
+
 async def _proof(prove: Callable[[], Awaitable[preflight.Proof]]) -> tuple[preflight.Proof | None, str | None]:
     try:
         return await prove(), None
@@ -209,7 +266,9 @@ async def diagnose(settings: Settings, *, live: bool = False) -> Report:
     """The whole report; the model and router proofs run in child processes (or come from the cache)."""
     checks = await trio.to_thread.run_sync(lambda: static_checks(settings, live=live))
     timeout = settings.preflight_timeout
-    if settings.model_file.is_file():
+    if settings.remote:  # no model here: the workers are what must answer
+        checks.append(await workers_check(settings))
+    elif settings.model_file.is_file():
         model = await _proof(lambda: preflight.prove_model(settings.model_file, settings.n_gpu_layers,
                                                            timeout=timeout))
         checks.append(await trio.to_thread.run_sync(lambda: model_check(settings, *model)))

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -124,6 +125,9 @@ def engine_panel(runtime: Runtime | None) -> dict[str, Any]:
             "busy_slots": stats.busy_slots, "slots": sum(w.slots for w in stats.workers),
             "kv_usage": round(stats.kv_usage, 4), "workers": len(stats.workers),
         }
+        remote = remote_workers(stats)
+        if remote:  # KTULHU_ENGINE=remote: the admin overview's workers table
+            panel["engine"]["remote_workers"] = [attrs.asdict(w) for w in remote]
     if runtime.router is not None:
         r = runtime.router.statistics()
         panel["router"] = {"queued": r.queued, "batches_running": r.batches_running, "batches": r.batches,
@@ -166,6 +170,7 @@ class RuntimeCollector(Collector):
                 gauge = GaugeMetricFamily(name, doc)
                 gauge.add_metric([], value)
                 yield gauge
+            yield from _worker_families(remote_workers(stats))
         if runtime.router is not None:
             r = runtime.router.statistics()
             queued = GaugeMetricFamily("ktulhu_router_queue_depth", "Classifications waiting for a batch.")
@@ -190,6 +195,41 @@ class RuntimeCollector(Collector):
             queued = GaugeMetricFamily("ktulhu_store_queued_calls", "Store calls waiting for a worker thread.")
             queued.add_metric([], q.queued)
             yield queued
+
+
+def remote_workers(stats: Any) -> list[Any]:
+    """The per-worker snapshots of a remote engine's stats (empty for the local engine)."""
+    return [w for w in stats.workers if hasattr(w, "url")]
+
+
+def _worker_families(workers: list[Any]) -> Iterator[Any]:
+    """`ktulhu_worker_*{worker="<url>"}`: one series per inference worker (remote mode)."""
+    if not workers:
+        return
+    labels = ["worker"]
+    families = (
+        (GaugeMetricFamily, "ktulhu_worker_healthy", "1 when the worker passes its health checks.",
+         lambda w: int(w.healthy)),
+        (GaugeMetricFamily, "ktulhu_worker_slots", "Requests the worker takes at once.", lambda w: w.slots),
+        (GaugeMetricFamily, "ktulhu_worker_busy_slots", "Requests the worker serves now.", lambda w: w.busy_slots),
+        (CounterMetricFamily, "ktulhu_worker_requests", "Requests the worker accepted.", lambda w: w.requests),
+        (CounterMetricFamily, "ktulhu_worker_generated_tokens", "Tokens the worker generated for us.",
+         lambda w: w.generated_tokens),
+        (CounterMetricFamily, "ktulhu_worker_failures", "Requests the worker failed (then it was ejected).",
+         lambda w: w.failures),
+    )
+    for kind, name, doc, value in families:
+        family = kind(name, doc, labels=labels)
+        for worker in workers:
+            family.add_metric([worker.url], value(worker))
+        yield family
+    errors = GaugeMetricFamily("ktulhu_worker_last_error_timestamp_seconds",
+                               "When the worker last failed (a request or a health check), with the error.",
+                               labels=["worker", "error"])
+    for worker in workers:
+        if worker.last_error_at is not None:
+            errors.add_metric([worker.url, (worker.last_error or "")[:200]], worker.last_error_at)
+    yield errors
 
 
 COLLECTOR = RuntimeCollector()

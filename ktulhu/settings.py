@@ -22,6 +22,8 @@ from typing import Any
 import attrs
 from dotenv import dotenv_values
 
+from .engine.worker_specs import WorkerSpec, WorkerSpecError, parse_workers, resolve_keys, show_workers
+
 __all__ = [
     "ENV_FILES",
     "JWT_SECRET_FILE",
@@ -176,6 +178,37 @@ def _networks(raw: str) -> str:
 _LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
+def _workers(raw: str) -> tuple[WorkerSpec, ...]:
+    try:
+        return parse_workers(raw)
+    except WorkerSpecError as bad:
+        raise _Invalid(bad.reason, bad.fix) from None
+
+
+def _store(raw: str) -> str:
+    """A RocksDB directory, or a postgresql:// (postgres://) URL whose shape is checked here (the
+    server is reached when the store opens). Messages never show the password."""
+    value = _text(raw)
+    fix = "set a directory (e.g. chatdb) or postgresql://USER:PASSWORD@HOST:5432/DATABASE"
+    from .store.location import InvalidStoreUrl, PgUrl, is_postgres_url, looks_like_url
+
+    if is_postgres_url(value):
+        try:
+            PgUrl.parse(value)
+        except InvalidStoreUrl as error:
+            raise _Invalid(f"not a usable PostgreSQL URL: {error}",
+                           fix + " (percent-encode special characters of the password, e.g. %40 for @)") from None
+    elif looks_like_url(value):
+        raise _Invalid("a URL of an unknown kind: the store is a directory or a postgresql:// URL", fix)
+    return value
+
+
+def _show_store(value: object) -> str:
+    from .store.location import mask_url_password
+
+    return mask_url_password(str(value))
+
+
 def _log_spec(raw: str) -> str:
     """`level[,logger=level...]`, e.g. `info,ktulhu.engine=debug` (RUST_LOG-like)."""
     value = raw.strip().lower()
@@ -200,11 +233,13 @@ def setting(
     *,
     secret: bool = False,
     group: str = "server",
+    show: Callable[[Any], str] | None = None,
 ) -> Any:
-    """Declare a field read from environment variable `env` (metadata drives loading and docs)."""
+    """Declare a field read from environment variable `env` (metadata drives loading and docs).
+    `show` renders a value (raw or parsed) for printing when only parts of it are secret."""
     return attrs.field(
         default=default,
-        metadata={"env": env, "parse": parse, "help": help, "secret": secret, "group": group},
+        metadata={"env": env, "parse": parse, "help": help, "secret": secret, "group": group, "show": show},
     )
 
 
@@ -218,7 +253,19 @@ class Settings:
     # server
     host: str = setting("KTULHU_HOST", "0.0.0.0", _host, "Address to listen on.")
     port: int = setting("KTULHU_PORT", 3000, _int(0, 65535), "TCP port to listen on (0 = any free port).")
-    db_path: str = setting("KTULHU_DB_PATH", "chatdb", _text, "RocksDB directory of the chat store.")
+    store: str = setting(
+        "KTULHU_STORE", "chatdb", _store,
+        "The chat store: a RocksDB directory (one server), or postgresql://user:password@host:port/db "
+        "(shared by several servers). Unset: KTULHU_DB_PATH.",
+        show=_show_store,
+    )
+    db_path: str = setting("KTULHU_DB_PATH", "chatdb", _text,
+                           "Older name of KTULHU_STORE for a RocksDB directory (KTULHU_STORE wins).")
+    store_pool: int = setting(
+        "KTULHU_STORE_POOL", 20, _int(4, 1000),
+        "PostgreSQL store: connections this server keeps to the database (its store worker threads: 4 fewer, "
+        "at most 16).",
+    )
     db_sync: bool = setting("KTULHU_DB_SYNC", False, _flag, "1 = fsync the store on every write.")
     env: str = setting(
         "KTULHU_ENV", "development", _choice("development", "production"),
@@ -300,6 +347,11 @@ class Settings:
     admin_auth_file: str = setting(
         "KTULHU_ADMIN_AUTH_FILE", "config/internal_admin_auth.json", _text,
         "Admin credentials (an argon2 hash written by `ktulhu admin set-password`).", group="auth",
+    )
+    api_keys_file: str = setting(
+        "KTULHU_API_KEYS_FILE", "", _text,
+        "Static API keys, one `NAME ROLE SECRET` per line (mode 600, secrets of 32+ characters); empty = none.",
+        group="auth",
     )
     admin_rate: int = setting(
         "KTULHU_ADMIN_RATE", 10, _int(0, 1_000_000),
@@ -398,6 +450,35 @@ class Settings:
         "CHAT_TEMPLATE_PATH", "chat_template.jinja", _text,
         "Jinja chat template; `gguf` = the template embedded in the model.", group="engine",
     )
+    engine_mode: str = setting(
+        "KTULHU_ENGINE", "local", _choice("local", "remote"),
+        "local = the GGUF runs in this process; remote = prompts go to KTULHU_WORKERS (implied when that is set).",
+        group="engine",
+    )
+    workers: tuple[WorkerSpec, ...] = setting(
+        "KTULHU_WORKERS", (), _workers,
+        "OpenAI-compatible inference servers for KTULHU_ENGINE=remote: URL[|slots=N][|key=env:VAR][|model=NAME],...",
+        group="engine", show=show_workers,
+    )
+    worker_health_interval: float = setting(
+        "KTULHU_WORKER_HEALTH_INTERVAL", 5.0, _float(0.05, 3600.0),
+        "Seconds between health checks of each worker (an ejected one is re-admitted when it answers).",
+        group="engine",
+    )
+    worker_health_timeout: float = setting(
+        "KTULHU_WORKER_HEALTH_TIMEOUT", 2.0, _float(0.05, 600.0),
+        "Seconds a worker's health check may take before the worker is ejected.", group="engine",
+    )
+    worker_affinity: bool = setting(
+        "KTULHU_WORKER_AFFINITY", True, _flag,
+        "1 = a chat's turns go to the worker holding its prefix; 0 = workers in turn (for measuring).",
+        group="engine",
+    )
+    worker_timeout: float = setting(
+        "KTULHU_WORKER_TIMEOUT", 60.0, _float(0.1, 3600.0),
+        "Seconds a worker may stay silent during a request (connecting, prefilling, between streamed pieces).",
+        group="engine",
+    )
     # intent router
     intent_router_dir: str = setting(
         "INTENT_ROUTER_DIR", "", _text, "Intent router directory; empty = models/intent_router.",
@@ -455,12 +536,20 @@ class Settings:
     # not read from the environment
     root: Path = attrs.field(factory=Path.cwd, metadata={})
     sources: Mapping[str, str] = attrs.field(factory=dict, metadata={}, repr=False)
+    #: The keys of KTULHU_API_KEYS_FILE (`auth.key_file.StaticKey`: names, roles, secrets' hashes),
+    #: read by `load_settings` so that a bad file stops the server before it serves.
+    static_keys: tuple[Any, ...] = attrs.field(default=(), metadata={}, repr=False)
 
     # --- derived values ------------------------------------------------------------------------
 
     @property
     def n_slots(self) -> int:
         return self.slots if self.slots is not None else self.ctx_pool
+
+    @property
+    def remote(self) -> bool:
+        """Prompts go to `workers` (no model is loaded here)."""
+        return self.engine_mode == "remote"
 
     @property
     def payments_enabled(self) -> bool:
@@ -484,8 +573,21 @@ class Settings:
         return self.path(self.model_path)
 
     @property
+    def store_url(self) -> str | None:
+        """The PostgreSQL URL of a shared store (with its password: never log it), else None."""
+        from .store.location import is_postgres_url
+
+        return self.store if is_postgres_url(self.store) else None
+
+    @property
     def db_dir(self) -> Path:
-        return self.path(self.db_path)
+        """The RocksDB directory of the store (KTULHU_STORE, or KTULHU_DB_PATH when the store is a URL)."""
+        return self.path(self.db_path if self.store_url else self.store)
+
+    @property
+    def store_location(self) -> Path | str:
+        """What `Store.open` takes: the PostgreSQL URL, or the RocksDB directory."""
+        return self.store_url or self.db_dir
 
     @property
     def router_dir(self) -> Path:
@@ -498,13 +600,14 @@ class Settings:
     def check_runtime(self) -> None:
         """Checks that need the file system; `serve` runs them, `config` only reports."""
         problems = []
-        if not self.model_file.is_file():
+        if not self.remote and not self.model_file.is_file():
             problems.append(
                 f"LLAMA_CLI_MODEL={self.model_path!r} ({self.sources.get('LLAMA_CLI_MODEL', 'default')}): "
                 f"no file at {self.model_file}; run `ktulhu models pull` or set LLAMA_CLI_MODEL "
                 "to the path of a GGUF model"
             )
-        if self.chat_template_path != "gguf" and not self.path(self.chat_template_path).is_file():
+        if (not self.remote and self.chat_template_path != "gguf"
+                and not self.path(self.chat_template_path).is_file()):
             problems.append(
                 f"CHAT_TEMPLATE_PATH={self.chat_template_path!r}: no file at "
                 f"{self.path(self.chat_template_path)}; point it at a Jinja template, or set it to `gguf` "
@@ -528,7 +631,9 @@ class Settings:
                 continue
             env = f.metadata["env"]
             value = getattr(self, f.name)
-            if f.metadata["secret"]:
+            if f.metadata["show"] is not None:
+                shown = f.metadata["show"](value)
+            elif f.metadata["secret"]:
                 shown = _mask(value)
             else:
                 shown = "" if value is None else str(value)
@@ -569,7 +674,7 @@ def load_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     problems: list[str] = []
-    fallbacks = {"KTULHU_LOG": "RUST_LOG"}
+    fallbacks = {"KTULHU_LOG": "RUST_LOG", "KTULHU_STORE": "KTULHU_DB_PATH"}
     for f in setting_fields():
         env = f.metadata["env"]
         raw, source = _lookup(layers, env)
@@ -581,7 +686,8 @@ def load_settings(
         try:
             values[f.name] = f.metadata["parse"](raw)
         except _Invalid as bad:
-            shown = _mask(raw) if f.metadata["secret"] else repr(raw)
+            show = f.metadata["show"]
+            shown = repr(show(raw)) if show is not None else _mask(raw) if f.metadata["secret"] else repr(raw)
             problems.append(f"{env}={shown} (from {source}): {bad.reason}; {bad.fix}")
             continue
         sources[env] = source
@@ -593,6 +699,8 @@ def load_settings(
         sources[field.metadata["env"]] = "command line"
     values.setdefault("env", "development")
     problems += _check_secret(values, sources, root)
+    problems += _check_workers(values, sources, layers, root)
+    problems += _read_api_keys(values, sources, root)
     if problems:
         raise SettingsError(problems)
     return Settings(root=root, sources=sources, **values)
@@ -622,6 +730,38 @@ def _check_secret(values: dict[str, Any], sources: dict[str, str], root: Path) -
         if stored.is_file():
             values["jwt_secret"] = stored.read_text().strip()
             sources["JWT_SECRET"] = f"generated ({JWT_SECRET_FILE})"
+    return []
+
+
+def _check_workers(values: dict[str, Any], sources: dict[str, str],
+                   layers: list[tuple[str, Mapping[str, str | None]]], root: Path) -> list[str]:
+    """KTULHU_WORKERS alone implies remote mode; remote mode needs workers; keys are read here."""
+    workers = values.get("workers", ())
+    if "engine_mode" not in values and workers:
+        values["engine_mode"] = "remote"
+        sources["KTULHU_ENGINE"] = "implied by KTULHU_WORKERS"
+    if values.get("engine_mode") != "remote":
+        return []
+    if not workers:
+        return ["KTULHU_ENGINE=remote but KTULHU_WORKERS is not set; list the inference servers, e.g. "
+                "KTULHU_WORKERS=http://10.0.0.5:8080|slots=4,http://10.0.0.6:8080 (or set KTULHU_ENGINE=local)"]
+    values["workers"], problems = resolve_keys(workers, lambda name: _lookup(layers, name)[0], root)
+    return problems
+
+
+def _read_api_keys(values: dict[str, Any], sources: dict[str, str], root: Path) -> list[str]:
+    """Read KTULHU_API_KEYS_FILE into `static_keys`; one problem line per fault of the file."""
+    name = values.get("api_keys_file", "")
+    if not name:
+        return []
+    from .auth.key_file import KeyFileError, load_key_file
+
+    path = Path(name).expanduser()
+    try:
+        values["static_keys"] = load_key_file(path if path.is_absolute() else root / path)
+    except KeyFileError as error:
+        source = sources.get("KTULHU_API_KEYS_FILE", "command line")
+        return [f"KTULHU_API_KEYS_FILE={name!r} (from {source}): {problem}" for problem in error.problems]
     return []
 
 

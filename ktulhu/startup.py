@@ -31,6 +31,10 @@ def route_groups(settings: Settings) -> dict[str, str]:
                     "off (set STRIPE_SECRET_KEY, STRIPE_PUBLISHABLE_KEY, STRIPE_PRICE_ID)",
         "sign-in google": "on" if settings.google_enabled else "off (GOOGLE_CLIENT_ID unset)",
         "sign-in apple": "on" if settings.apple_enabled else "off (APPLE_CLIENT_ID unset)",
+        # names only: the secrets are never logged
+        "api keys file": (f"on ({len(settings.static_keys)} keys: "
+                          f"{', '.join(k.name for k in settings.static_keys) or 'none'})"
+                          if settings.api_keys_file else "off (KTULHU_API_KEYS_FILE unset)"),
     }
 
 

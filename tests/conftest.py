@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -14,9 +13,11 @@ import attrs
 import pytest
 import trio
 
+from ktulhu import ports
 from ktulhu.nurseries import root
 from ktulhu.nurseries.runtime import Runtime
 from ktulhu.settings import default_model_path, load_settings
+from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def free_port() -> int:
     """A loopback port that was free a moment ago (for servers that must be told their port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ports.free_port()
 
 
 #: A JWT secret for servers started by tests (at least 32 bytes).

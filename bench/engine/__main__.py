@@ -14,7 +14,6 @@ import functools
 import json
 import platform
 import random
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ktulhu.engine.model import Model
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.engine.worker import physical_cores
+from ktulhu.ports import free_port
 from ktulhu.settings import load_settings
 
 from . import baseline, llama_server, report
@@ -100,7 +100,7 @@ async def sweep(model: Model, args: argparse.Namespace, levels: list[int], serve
         server = None
         if server_binary is not None:
             server = llama_server.LlamaServer(server_binary, Path(model.info.path), slots=level,
-                                              n_ctx_seq=args.ctx, threads=args.threads, port=_free_port(),
+                                              n_ctx_seq=args.ctx, threads=args.threads, port=free_port(),
                                               gpu_layers=999 if model.info.n_gpu_layers < 0 else model.info.n_gpu_layers)
         pool = await trio.to_thread.run_sync(functools.partial(
             baseline.BaselinePool, model, contexts=level, n_ctx=args.ctx, threads=args.threads))
@@ -218,12 +218,6 @@ async def cancel_latency(model: Model, args: argparse.Namespace) -> dict:
     print(f"[cancel] p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms (mean step {result['mean_step_ms']} ms)",
           flush=True)
     return result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def main(args: argparse.Namespace) -> dict:

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 SYSTEMS = (("ours", "Ktulhu engine"), ("llama_server", "llama-server"), ("baseline", "original design"))
+# Sections from the first heading of this name on come from other benchmarks and are kept as they are.
+KEPT_FROM = "## Store engines"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -84,7 +86,10 @@ def write(results: dict[str, Any], docs: Path) -> None:
               "`bench/results/gpu/`.", ""]
     if _plot(results, levels, docs / "benchmarks-engine.png"):
         lines += ["![aggregate tokens/s by streams](benchmarks-engine.png)", ""]
-    (docs / "benchmarks.md").write_text("\n".join(lines))
+    path = docs / "benchmarks.md"
+    previous = path.read_text() if path.exists() else ""
+    kept = previous[previous.index(KEPT_FROM):] if KEPT_FROM in previous else ""
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
 
 def _get(sweep: dict, key: str, level: int) -> dict:

@@ -43,7 +43,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from bench.ports import free_port
+from ktulhu.ports import free_port
 from ktulhu.auth.tokens import issue_token
 from ktulhu.settings import load_settings
 from ktulhu.store import Store

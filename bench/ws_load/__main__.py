@@ -33,7 +33,7 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
-from bench.ports import free_port
+from ktulhu.ports import free_port
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.engine.sampling import SamplingParams

@@ -1,4 +1,5 @@
-"""Where the agent's model runs: in this process (the local engine) or on a Ktulhu server (/v1).
+"""Where the agent's model runs: in this process (the local engine, or with KTULHU_ENGINE=remote
+the configured inference workers) or on a Ktulhu server (/v1).
 
 Both turn chat messages into one grammar-constrained completion. The grammar is made for the
 token budget the step really gets (the local prompt builder may shrink it when the history is
@@ -18,6 +19,7 @@ import trio
 from ..engine.engine import Engine
 from ..engine.model import Model
 from ..engine.prompt import ChatMessage
+from ..engine.remote import RemoteEngine
 from ..engine.request import EngineError
 from ..engine.sampling import SamplingParams
 from ..preflight import check_model
@@ -50,12 +52,14 @@ class Backend(Protocol):
 
 @attrs.define
 class LocalBackend:
-    engine: Engine
+    engine: Engine | RemoteEngine
     settings: Settings
     description: str
 
     async def complete(self, messages: Sequence[ChatMessage], *, max_tokens: int, grammar_for: GrammarFor,
                        temperature: float, seed: int | None) -> Completion:
+        if isinstance(self.engine, RemoteEngine):
+            return await self._complete_remote(messages, max_tokens, grammar_for, temperature, seed)
         try:
             prompt = await self.engine.build_prompt(messages, max_tokens)
             params = SamplingParams.defaults(self.settings, max_tokens=prompt.max_tokens, temperature=temperature,
@@ -68,10 +72,34 @@ class LocalBackend:
         metrics = gen.finished.metrics
         return Completion(text, gen.finished.reason, metrics.prompt_tokens, metrics.generated_tokens)
 
+    async def _complete_remote(self, messages: Sequence[ChatMessage], max_tokens: int, grammar_for: GrammarFor,
+                               temperature: float, seed: int | None) -> Completion:
+        """The worker trims nothing: the grammar is made for the whole budget (a longer history is
+        refused as too long rather than shrinking the step)."""
+        try:
+            params = SamplingParams.defaults(self.settings, max_tokens=max_tokens, temperature=temperature,
+                                             seed=seed, grammar=grammar_for(max_tokens))
+            with await self.engine.chat(messages, params) as gen:
+                text = await gen.text()
+        except (ValueError, EngineError) as error:
+            raise ModelError(f"the inference workers failed: {error}") from error
+        assert gen.finished is not None
+        metrics = gen.finished.metrics
+        return Completion(text, gen.finished.reason, metrics.prompt_tokens, metrics.generated_tokens)
+
 
 @asynccontextmanager
 async def local_backend(settings: Settings) -> AsyncIterator[LocalBackend]:
-    """Prove the model on this machine, load it and run an engine in a nursery for the life of the block."""
+    """Prove the model on this machine, load it and run an engine in a nursery for the life of the block
+    (with KTULHU_ENGINE=remote: a client of the inference workers, no model here)."""
+    if settings.remote:
+        remote = RemoteEngine(settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(remote.run)
+            urls = ", ".join(w.url for w in remote.workers)
+            yield LocalBackend(remote, settings, f"inference workers {urls}")
+            nursery.cancel_scope.cancel()
+        return
     await check_model(settings)
     model = await trio.to_thread.run_sync(Model.load, settings, abandon_on_cancel=True)
     try:

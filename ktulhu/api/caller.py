@@ -6,7 +6,6 @@ import attrs
 from quart import request
 
 from ..app_state import current_runtime
-from ..auth.api_keys import looks_like_key
 from ..auth.principal import AuthError, authenticate_bearer, bearer_token
 from ..store.records import User
 from .problems import Problem
@@ -34,7 +33,7 @@ async def authenticate(*, allow_api_key: bool = True) -> Caller:
     except AuthError as exc:
         raise Problem(401, exc.code, exc.message) from None
     assert principal.user is not None
-    via = "api_key" if looks_like_key(credential) else "jwt"
+    via = "api_key" if principal.api_key else "jwt"
     if via == "api_key" and not allow_api_key:
         raise Problem(403, "jwt_required", "API keys cannot manage credentials; use the app token from sign-in")
     return Caller(principal.user, via)

@@ -2,9 +2,10 @@
 
 Order: the user's quota is reserved first (atomic; `Problem` 403 `free_quota_exceeded` when used
 up), then the prompt is built and submitted (engine refusals are `Problem`s with a status), then
-the text is read. The reservation is refunded when no text reached the caller: the engine refused
-or failed before the first piece, or the caller went away before it. A reply that was delivered,
-even partly, counts.
+the text is read. The reservation is refunded when no text reached the caller: the engine refused,
+failed or was stopped before the first piece, or the caller went away before it. A reply that was
+delivered, even partly, counts. A generation that ends other than by itself (an engine error, a
+cancellation the caller did not ask for) is a `Problem`, never a quietly shorter reply.
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ async def routed_system_prompt(runtime: Runtime, text: str, language: str | None
     return result, system_prompt(result, language or result.language)
 
 
-async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation:
+async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: SamplingParams,
+                  chat_id: str | None) -> Generation:
     engine = runtime.engine
     if engine is None or runtime.shutting_down.is_set():
         raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
                       headers={"Retry-After": "5"})
     try:
-        return await engine.chat(messages, params)
+        return await engine.chat(messages, params, chat_id=chat_id)
     except Busy as exc:
         raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "1"}) from None
     except ContextTooLong as exc:
@@ -58,6 +60,8 @@ async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: Sam
         raise Problem(400, "invalid_prompt", str(exc), param="messages") from None
     except EngineClosed as exc:
         raise Problem(503, "engine_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+    except EngineError as exc:  # remote mode: no inference worker could take the prompt
+        raise Problem(502, "generation_failed", str(exc) or "the generation failed") from None
     except ValueError as exc:  # e.g. a grammar that this model's vocabulary cannot express
         raise Problem(400, "invalid_request", str(exc)) from None
 
@@ -81,7 +85,8 @@ class PaidGeneration:
         return self.reservation.generation_count
 
     async def pieces(self) -> AsyncIterator[str]:
-        """The reply's text pieces. An engine failure is a `Problem` (after the refund when nothing
+        """The reply's text pieces. An engine failure, or a generation cancelled by someone else
+        than this reader (it ends without finishing), is a `Problem` (after the refund when nothing
         was delivered); cancellation before the first piece refunds too (shielded, bounded)."""
         try:
             async for piece in self.generation:
@@ -98,6 +103,10 @@ class PaidGeneration:
             with trio.CancelScope(shield=True):
                 await self._refund_if_undelivered()
             raise
+        if self.finish_reason not in ("eos", "stop", "length"):
+            await self._refund_if_undelivered()
+            raise Problem(503, "generation_cancelled", "the server stopped this generation before it finished "
+                          "(shutting down or told to); the reply is incomplete", headers={"Retry-After": "5"})
 
     async def text(self) -> str:
         parts = [piece async for piece in self.pieces()]
@@ -114,14 +123,20 @@ class PaidGeneration:
         return None if finished is None else finished.reason
 
     @property
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage object. `cached_tokens` counts only the prompt tokens the same caller's
+        earlier request (same `chat_id`) left in the cache: a prefix shared with someone else is
+        reused but not reported, since its length would tell what their prompt began with."""
         metrics = self.generation.metrics
         prompt, completion = metrics.prompt_tokens, metrics.generated_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": metrics.own_cached_tokens}}
 
 
-async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], params: SamplingParams) -> PaidGeneration:
-    """Reserve one generation of `user`'s quota and submit the prompt; raises `Problem`."""
+async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], params: SamplingParams, *,
+                chat_id: str | None = None) -> PaidGeneration:
+    """Reserve one generation of `user`'s quota and submit the prompt; raises `Problem`. `chat_id`
+    keys the engine's prefix cache (slot affinity, and which cached tokens count as the caller's own)."""
     try:
         reservation = await reserve(runtime, user)
     except QuotaExceeded:
@@ -130,7 +145,7 @@ async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], p
     except UserGone:
         raise Problem(401, "user_not_found", "the account no longer exists") from None
     try:
-        generation = await _submit(runtime, messages, params)
+        generation = await _submit(runtime, messages, params, chat_id)
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(REFUND_TIMEOUT_S):
             await reservation.refund()

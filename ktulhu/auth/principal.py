@@ -9,6 +9,8 @@ import attrs
 from ..nurseries.runtime import Runtime
 from ..store.records import User
 from .api_keys import authenticate_key, looks_like_key
+from .key_file import match_static_key
+from .operator_keys import keyfile_account
 from ..store.keys import is_valid_id
 from .tokens import InvalidToken, verify_claims
 
@@ -24,10 +26,13 @@ class Kind(enum.Enum):
 
 @attrs.frozen
 class Principal:
-    """Who is calling. `user` is set for `Kind.USER` (the record as loaded for this request)."""
+    """Who is calling. `user` is set for `Kind.USER` (the record as loaded for this request);
+    `api_key` says the credential was an API key (stored, or from `KTULHU_API_KEYS_FILE`), which may
+    call the APIs but not manage credentials."""
 
     kind: Kind
     user: User | None = None
+    api_key: bool = False
 
     @property
     def user_id(self) -> str | None:
@@ -67,14 +72,24 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 async def authenticate_bearer(runtime: Runtime, credential: str) -> Principal:
-    """A user principal for an app JWT or API key; raises `AuthError` when it is not valid."""
+    """A user principal for an app JWT or API key; raises `AuthError` when it is not valid.
+
+    A key of `KTULHU_API_KEYS_FILE` acts as its service account (made at its first use)."""
     store = runtime.store
     assert store is not None
     if looks_like_key(credential):
         user = await store.aio.run(authenticate_key, store, credential)
         if user is None:
             raise AuthError("invalid_api_key", "API key is not valid or was revoked")
-        return Principal(Kind.USER, user)
+        return Principal(Kind.USER, user, api_key=True)
+    static_keys = runtime.settings.static_keys
+    if static_keys:
+        static = match_static_key(static_keys, credential)
+        if static is not None:
+            user = await store.aio.run(keyfile_account, store, static)
+            if user is None:
+                raise AuthError("invalid_api_key", "API key is not valid or was revoked")
+            return Principal(Kind.USER, user, api_key=True)
     try:
         claims = verify_claims(runtime.settings, credential)
     except InvalidToken:

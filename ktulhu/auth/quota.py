@@ -6,6 +6,9 @@ the generation then produces nothing (the engine refused it or failed before its
 reservation is refunded; a reply that was delivered, even partly or cut short by the client,
 counts.
 
+An account may carry its own cap (`User.meta["generation_limit"]`, set by `ktulhu keys create
+--limit N` on a key's service account): it replaces the role's limit.
+
 Email registration proves nothing, so one person could open many accounts for many free quotas.
 Accounts registered by email from one client address therefore share a pool
 (`KTULHU_FREE_ACCOUNTS_PER_ADDRESS` x `KTULHU_FREE_GENERATIONS` generations, counted in the store)
@@ -22,6 +25,7 @@ import attrs
 from ..nurseries.runtime import Runtime
 from ..settings import Settings
 from ..store.records import User
+from .operator_keys import account_limit
 
 __all__ = ["FREE_POOL", "QuotaExceeded", "Reservation", "UNLIMITED_ROLES", "UserGone", "generation_limit",
            "pool_of", "refund", "reserve", "usage"]
@@ -42,7 +46,11 @@ class UserGone(Exception):
 
 
 def generation_limit(settings: Settings, user: User) -> int | None:
-    """The user's generation limit; None = unlimited. Unknown roles count as free."""
+    """The user's generation limit; None = unlimited. Unknown roles count as free. An account with
+    its own cap (an operator key made with `ktulhu keys create --limit N`) has that cap, whatever its role."""
+    own = account_limit(user)
+    if own is not None:
+        return own
     return None if user.role in UNLIMITED_ROLES else settings.free_generations
 
 

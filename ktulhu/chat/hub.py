@@ -51,6 +51,8 @@ class SummaryHub:
 
     def __init__(self) -> None:
         self._subscribers: set[_Subscriber] = set()
+        #: Also told of every title published here: the other replicas' relay (`ktulhu/replicas.py`).
+        self.relay: Callable[[SummaryEvent], None] | None = None
 
     @contextmanager
     def subscribe(self, accepts: Callable[[Chat], bool], capacity: int = 64
@@ -66,6 +68,13 @@ class SummaryHub:
             send.close()
 
     def publish(self, event: SummaryEvent) -> None:
+        """A title made on this replica: to local subscribers, and to the other replicas."""
+        self.deliver(event)
+        if self.relay is not None:
+            self.relay(event)
+
+    def deliver(self, event: SummaryEvent) -> None:
+        """To this replica's subscribers only."""
         for subscriber in list(self._subscribers):
             if not subscriber.accepts(event.chat):
                 continue

@@ -26,6 +26,7 @@ from ..engine.prompt import ChatMessage, ContextTooLong, PromptError, render_con
 from ..engine.request import Busy, EngineClosed, EngineError, Generation
 from ..engine.sampling import SamplingParams
 from ..nurseries.runtime import Runtime
+from ..pg_wire import PgWireError
 from ..prompts import system_prompt
 from ..router.result import IntentRoutingResult, default_result
 from ..router.routing import normalise_language
@@ -121,7 +122,8 @@ class _Reply:
             device_hash=self.user_message.device_hash, role="assistant", text="".join(self.parts).strip(),
             language=self.user_message.language, ts=now_ms(),
             meta={"request_id": self.request_id, "prompt_tokens": counts.prompt_tokens,
-                  "generated_tokens": counts.generated_tokens, **meta},
+                  "generated_tokens": counts.generated_tokens,
+                  **({"worker": counts.worker} if counts.worker else {}), **meta},
         )
 
 
@@ -152,13 +154,14 @@ async def run_prompt(ctx: PromptContext, frame: PromptFrame, ticket: Ticket, sco
     finally:
         # Runs on every path, also when the socket's nursery is being cancelled: what was generated
         # is kept, and an unused quota unit is given back.
-        with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT_S):
-            try:
-                await _finish(ctx, reply, reason)
-            except StoreError as failed:
-                log.warning("the reply could not be saved: %s", failed)
-                reason = "store_unavailable"
-        ctx.runtime.turns.leave(ticket)  # the next prompt of the chat sees this reply in its history
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(PERSIST_TIMEOUT_S):
+                try:
+                    await _finish(ctx, reply, reason)
+                except StoreError as failed:
+                    log.warning("the reply could not be saved: %s", failed)
+                    reason = "store_unavailable"
+            await ctx.runtime.turns.finish(ticket)  # the next prompt of the chat sees this reply
     metrics.WS_PROMPTS.labels(reason).inc()
     usage = None
     if reply.generation is not None:
@@ -193,7 +196,10 @@ async def _flow(ctx: PromptContext, frame: PromptFrame, reply: _Reply) -> str:
     if notes:
         await ctx.send(reply.frame(type="vision_summary", summary="\n".join(notes)))
 
-    await reply.ticket.ready.wait()  # the chat's previous prompts have ended and are saved
+    try:
+        await runtime.turns.wait(reply.ticket)  # the chat's previous prompts have ended and are saved
+    except PgWireError as failed:
+        raise StoreError(f"the shared store cannot be reached: {failed}") from None
     return await _generate(ctx, frame, reply, chat, result, stored_attachments)
 
 
@@ -238,6 +244,18 @@ async def _route(runtime: Runtime, text: str, language: str | None) -> IntentRou
     return await runtime.router.classify(text, language)
 
 
+def _left_on(history: list[Message]) -> tuple[str, int] | None:
+    """The worker that made the chat's last reply and the tokens that exchange left there."""
+    for message in reversed(history):
+        if message.role == "assistant":
+            meta = message.meta if isinstance(message.meta, dict) else {}
+            worker, prompt, generated = meta.get("worker"), meta.get("prompt_tokens"), meta.get("generated_tokens")
+            if isinstance(worker, str) and isinstance(prompt, int) and isinstance(generated, int):
+                return worker, prompt + generated
+            return None
+    return None
+
+
 def history_turns(history: list[Message]) -> list[ChatMessage]:
     """Stored messages as prompt turns: user and assistant text with attachment notes; empty ones skipped."""
     turns = []
@@ -267,7 +285,7 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
                 *history_turns(history), ChatMessage("user", newest)]
     params = SamplingParams.defaults(settings)
     try:
-        reply.generation = await engine.chat(messages, params, chat_id=chat.id)
+        reply.generation = await engine.chat(messages, params, chat_id=chat.id, left_on=_left_on(history))
     except Busy as busy:
         raise Refused("server_busy", str(busy)) from None
     except ContextTooLong as too_long:
@@ -276,6 +294,8 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
         raise Refused("model_error", str(bad)) from None
     except EngineClosed as closed:
         raise Refused("shutting_down", str(closed)) from None
+    except EngineError as failed:  # remote mode: no inference worker could take the prompt
+        raise Refused("model_error", str(failed)) from None
     with reply.generation as generation:
         # The user turn is stored once the engine has taken the prompt: a refused one (busy, too
         # long) leaves no orphan turn that a retry would repeat and the model would read.
@@ -321,7 +341,10 @@ async def _finish(ctx: PromptContext, reply: _Reply, reason: str) -> None:
     generation.cancel()  # no-op when it finished; frees the slot at the next step otherwise
     cancelled = (generation.finished is None or generation.finished.reason == "cancelled"
                  or reason in ("cancelled", "shutting_down"))
-    message = reply.assistant_message({"finish_reason": "cancelled" if cancelled else reason, "cancelled": cancelled})
+    meta: dict[str, Any] = {"finish_reason": "cancelled" if cancelled else reason, "cancelled": cancelled}
+    if not cancelled and reason not in ("eos", "stop", "length"):
+        meta["incomplete"] = True  # cut by a failure (a worker gone, the store): what came is kept
+    message = reply.assistant_message(meta)
     text = message.text
     saved = await store.aio.save_message(message, existing_chat_only=True)
     chat = None if saved is None else await store.aio.touch_chat(reply.chat_id, existing_chat_only=True)

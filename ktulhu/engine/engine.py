@@ -171,8 +171,11 @@ class Engine:
         return gen
 
     async def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                   chat_id: str | None = None) -> Generation:
-        """Build the prompt (`build_prompt`, off the trio thread) and queue its generation (`generate`)."""
+                   chat_id: str | None = None, left_on: tuple[str, int] | None = None) -> Generation:
+        """Build the prompt (`build_prompt`, off the trio thread) and queue its generation (`generate`).
+
+        `left_on` (where the chat's last reply was made, and its length in tokens) matters only to
+        remote workers; this engine knows its own slots."""
         prompt = await self.build_prompt(messages, params.max_tokens)
         if prompt.max_tokens < params.max_tokens:
             params = attrs.evolve(params, max_tokens=prompt.max_tokens)

@@ -60,6 +60,8 @@ class RequestMetrics:
     gaps: list[float] = attrs.field(factory=list)
     cancel_requested: float | None = None
     slot_freed: float | None = None
+    #: The inference worker that served it (remote mode: its URL without credentials), else None.
+    worker: str | None = None
 
     @property
     def queue_time(self) -> float | None:
@@ -102,6 +104,8 @@ class Generation:
     error: EngineError | None = None
     _pieces: list[str] = attrs.field(factory=list)
     _event: trio.Event = attrs.field(factory=trio.Event)
+    #: Set by `cancel()`: whoever produces the text (a remote stream) awaits it instead of polling.
+    _cancel_event: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
     def create(cls, tokens: Sequence[int], params: SamplingParams, chat_id: str | None) -> "Generation":
@@ -114,6 +118,14 @@ class Generation:
         if not self.cancelled and self.finished is None:
             self.metrics.cancel_requested = time.perf_counter()
             self.cancelled = True
+            try:
+                self._cancel_event.set()
+            except RuntimeError:  # called outside the trio thread (a finalizer): the flag still counts
+                pass
+
+    async def wait_cancelled(self) -> None:
+        """Return once `cancel()` was called (at once if it already was)."""
+        await self._cancel_event.wait()
 
     def __enter__(self) -> "Generation":
         return self

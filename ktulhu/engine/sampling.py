@@ -1,8 +1,10 @@
 """Per-request sampling parameters and the llama.cpp sampler chain built from them.
 
-A request may carry a GBNF grammar (llama.cpp's syntax, rule `root`): its sampler then comes
-before the draw, so every token keeps the text a prefix of the grammar's language. llama.cpp
-aborts the whole process when a grammar sampler is told to accept a token it rejected (which
+The chain follows llama-server's order: logit biases, then penalties (repetition, presence,
+frequency), then the grammar, then the truncations and the draw. A request may carry a GBNF
+grammar (llama.cpp's syntax, rule `root`; `json_grammar` makes one from a JSON schema): its
+sampler then comes before the draw, so every token keeps the text a prefix of the grammar's
+language. llama.cpp aborts the whole process when a grammar sampler is told to accept a token it rejected (which
 happens when the grammar allows no token at all), so a constrained chain is applied and checked
 here rather than with `llama_sampler_sample`.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import math
 import re
 import secrets
@@ -19,11 +22,13 @@ from collections.abc import Sequence
 import attrs
 import llama_cpp
 import numpy as np
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from ..settings import Settings
 from . import llama_log
 
-__all__ = ["GRAMMAR_MAX_CHARS", "SamplingParams", "TokenSampler", "build_chain", "check_grammar"]
+__all__ = ["GRAMMAR_MAX_CHARS", "LOGIT_BIAS_MAX", "SCHEMA_MAX_CHARS", "SamplingParams", "TokenSampler",
+           "build_chain", "check_grammar", "json_grammar"]
 
 #: Prompt tokens fed to the repetition penalty so it also discourages repeating the prompt.
 PENALTY_LAST_N = 64
@@ -31,6 +36,11 @@ PENALTY_LAST_N = 64
 #: must not make llama.cpp build an enormous rule set).
 GRAMMAR_MAX_CHARS = 32_768
 GRAMMAR_MAX_REPEAT = 16_384
+#: Most entries of a request's `logit_bias`; a bias of -100 (the least) bans the token.
+LOGIT_BIAS_MAX = 1024
+LOGIT_BIAS_BAN = -100.0
+#: Longest JSON schema (serialised) that `json_grammar` converts.
+SCHEMA_MAX_CHARS = 65_536
 _REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
@@ -47,6 +57,30 @@ def _check_range(lo: float, hi: float):
 def _check_stop(instance: object, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
     if len(value) > 8 or any(not isinstance(s, str) or not s or len(s) > 200 for s in value):
         raise ValueError("stop must be at most 8 non-empty strings of at most 200 characters")
+
+
+def _check_repeat_penalty(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value <= 10.0):
+        raise ValueError(f"repeat_penalty must be a number above 0 and at most 10 (1 = off), got {value!r}")
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        return tuple(sorted((token, bias) for token, bias in items))  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError("logit_bias must map token ids to biases") from None
+
+
+def _check_logit_bias(instance: object, attribute: attrs.Attribute, value: tuple[tuple[int, float], ...]) -> None:
+    if len(value) > LOGIT_BIAS_MAX:
+        raise ValueError(f"logit_bias may hold at most {LOGIT_BIAS_MAX} tokens, got {len(value)}")
+    for token, bias in value:
+        if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < 2**31):
+            raise ValueError(f"logit_bias keys must be token ids (whole numbers from 0), got {token!r}")
+        if not (isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
+                and -100 <= bias <= 100):
+            raise ValueError(f"logit_bias values must be numbers from -100 to 100, got {bias!r} for token {token}")
 
 
 def _check_grammar(instance: object, attribute: attrs.Attribute, value: str | None) -> None:
@@ -90,6 +124,61 @@ def _grammar_problem(grammar: bytes) -> str | None:
     return None
 
 
+_COUNT_KEYS = frozenset({"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"})
+
+
+def _schema_repeats(schema: object) -> int:
+    """The sum of every length, item count and `{m,n}` in a pattern of `schema`: llama_cpp's
+    converter spells a repetition out, so its work and its grammar grow with this sum."""
+    total = 0
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+                    total += abs(value)
+                elif key == "pattern" and isinstance(value, str):
+                    total += sum(int(n) for match in _REPEAT.finditer(value) for n in match.groups() if n)
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+def json_grammar(schema: object = None) -> str:
+    """A checked GBNF grammar for JSON text: any JSON object when `schema` is None, else a value
+    that `schema` (a JSON schema object) accepts. Raises `ValueError` saying why when the schema
+    cannot be expressed (unsupported keywords, remote `$ref`s, a grammar over the size limits)."""
+    if schema is None:
+        grammar = JSON_GBNF
+    else:
+        if not isinstance(schema, dict):
+            raise ValueError("the JSON schema must be an object")
+        try:
+            text = json.dumps(schema)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the JSON schema cannot be serialised: {exc}") from None
+        if len(text) > SCHEMA_MAX_CHARS:
+            raise ValueError(f"the JSON schema must be at most {SCHEMA_MAX_CHARS} characters as JSON")
+        if _schema_repeats(schema) > GRAMMAR_MAX_CHARS:  # the converter writes repetitions out in full
+            raise ValueError(f"the JSON schema's lengths, item counts and pattern repetitions add up to more than "
+                             f"{GRAMMAR_MAX_CHARS}")
+        try:
+            grammar = json_schema_to_gbnf(text)
+        except RecursionError:
+            raise ValueError("the JSON schema is nested too deeply (or refers to itself without end)") from None
+        except Exception as exc:  # noqa: BLE001 - llama_cpp's converter raises anything on odd schemas
+            raise ValueError(f"the JSON schema cannot be turned into a grammar: {type(exc).__name__}: "
+                             f"{str(exc)[:200]}") from None
+    try:
+        check_grammar(grammar)
+    except ValueError as exc:
+        raise ValueError(f"the JSON schema's grammar is refused: {exc}") from None
+    return grammar
+
+
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """How one request samples. Invalid values raise `ValueError` naming the parameter."""
@@ -98,7 +187,15 @@ class SamplingParams:
     top_k: int = attrs.field(default=40, validator=_check_range(0, 1_000_000))
     top_p: float = attrs.field(default=0.9, validator=_check_range(0.0, 1.0))
     min_p: float = attrs.field(default=0.0, validator=_check_range(0.0, 1.0))
-    repeat_penalty: float = attrs.field(default=1.0, validator=_check_range(0.0, 10.0))
+    #: llama.cpp's repetition penalty (1 = off); presence and frequency penalties as OpenAI's (0 = off).
+    #: All three look at the last `PENALTY_LAST_N` tokens, the prompt's included (as llama-server).
+    repeat_penalty: float = attrs.field(default=1.0, validator=_check_repeat_penalty)
+    presence_penalty: float = attrs.field(default=0.0, validator=_check_range(-2.0, 2.0))
+    frequency_penalty: float = attrs.field(default=0.0, validator=_check_range(-2.0, 2.0))
+    #: (token id, bias added to its logit), sorted; -100 bans the token. Ids past the model's
+    #: vocabulary are refused by `build_chain` (callers check them against the model first).
+    logit_bias: tuple[tuple[int, float], ...] = attrs.field(default=(), converter=_logit_bias,
+                                                            validator=_check_logit_bias)
     max_tokens: int = attrs.field(default=512, validator=_check_range(1, 1 << 20))
     #: None = a fresh random seed for this request.
     seed: int | None = attrs.field(default=None)
@@ -109,6 +206,9 @@ class SamplingParams:
     ignore_eos: bool = False
     #: GBNF grammar (llama.cpp syntax, start rule `root`) the generated text must follow; checked here.
     grammar: str | None = attrs.field(default=None, validator=_check_grammar)
+    #: The OpenAI `response_format` object (JSON text) that `grammar` was made from: what a remote
+    #: worker is sent instead of the grammar (it builds its own). The local engine follows `grammar`.
+    response_format: str | None = None
 
     @seed.validator
     def _check_seed(self, attribute: attrs.Attribute, value: int | None) -> None:
@@ -135,12 +235,16 @@ def build_chain(
     vocab: llama_cpp.llama_vocab_p | None = None,
     recent: Sequence[int] = (),
 ) -> llama_cpp.llama_sampler_p:
-    """penalties -> grammar -> top-k -> top-p -> min-p -> temperature -> draw (greedy at temperature 0).
+    """logit bias -> penalties -> grammar -> top-k -> top-p -> min-p -> temperature -> draw (greedy at
+    temperature 0: the biases, penalties and grammar still apply).
 
-    `recent` (the prompt's last tokens) primes the repetition penalty only; a grammar needs the
-    model's `vocab`. Raises `ValueError` when llama.cpp refuses the grammar. The caller owns the
-    chain and frees it with `llama_sampler_free`.
+    `recent` (the prompt's last tokens) primes the penalties only; a grammar needs the model's
+    `vocab`. Raises `ValueError` when llama.cpp refuses the grammar or a biased token is not in the
+    vocabulary. The caller owns the chain and frees it with `llama_sampler_free`.
     """
+    outside = [token for token, _ in params.logit_bias if token >= n_vocab]
+    if outside:
+        raise ValueError(f"logit_bias token {outside[0]} is not in this model's vocabulary (0 to {n_vocab - 1})")
     grammar = None
     if params.grammar is not None:
         if vocab is None:
@@ -151,8 +255,14 @@ def build_chain(
             raise ValueError("llama.cpp refused the grammar for this model's vocabulary")
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
-    if params.repeat_penalty != 1.0:
-        penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
+    if params.logit_bias:
+        biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(*(
+            llama_cpp.llama_logit_bias(token, -math.inf if bias <= LOGIT_BIAS_BAN else bias)
+            for token, bias in params.logit_bias))
+        add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
+    if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+        penalties = llama_cpp.llama_sampler_init_penalties(
+            n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
         for token in list(recent)[-PENALTY_LAST_N:]:
             llama_cpp.llama_sampler_accept(penalties, token)
         add(chain, penalties)

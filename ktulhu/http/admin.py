@@ -18,6 +18,7 @@ from quart import Blueprint, Response, request
 
 from ..app_state import current_runtime
 from ..auth.admin import check_admin
+from ..auth.quota import generation_limit
 from ..metrics import engine_panel, remote_workers
 from ..nurseries.runtime import Runtime
 from ..store.records import Message, User, to_dict
@@ -78,8 +79,7 @@ def _role(user: User) -> str:
 
 
 def _quota(runtime: Runtime, user: User) -> dict[str, Any]:
-    role = _role(user)
-    limit = runtime.settings.free_generations if role == "free" else None
+    limit = generation_limit(runtime.settings, user)  # what `reserve` enforces, an operator key's cap included
     remaining = None if limit is None else max(0, limit - user.generation_count)
     return {
         "can_generate": limit is None or user.generation_count < limit,

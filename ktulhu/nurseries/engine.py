@@ -2,6 +2,10 @@
 once (off the trio thread), then the batching engine runs.
 
 The engine's decode threads stop before the model is freed; the model is freed when the tree stops.
+
+With KTULHU_ENGINE=remote no model is loaded or proven here: a `RemoteEngine` sends prompts to
+KTULHU_WORKERS, and this service's readiness entry follows the workers' health (`unavailable`, so
+`/readyz` 503, while none answers).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import trio
 
 from ..engine.engine import Engine
 from ..engine.model import Model
+from ..engine.remote import RemoteEngine
 from ..preflight import check_model
 from .runtime import Runtime
 
@@ -20,6 +25,33 @@ __all__ = ["run"]
 
 
 async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
+    if runtime.settings.remote:
+        await _run_remote(runtime, task_status=task_status)
+    else:
+        await _run_local(runtime, task_status=task_status)
+
+
+async def _run_remote(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
+    engine = RemoteEngine(runtime.settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            detail = await nursery.start(engine.run)
+            runtime.engine = engine
+            task_status.started(detail)
+            while True:  # the readiness entry follows the fleet (checked at least once per health interval)
+                with trio.move_on_after(runtime.settings.worker_health_interval):
+                    await engine.wait_for_change()
+                detail = engine.describe()
+                current = runtime.readiness.components.get("model")
+                if current is not None and current.status in ("ready", "degraded", "unavailable"):
+                    status = detail.pop("status")
+                    if (current.status, current.detail) != (status, detail):
+                        runtime.readiness.mark("model", status, **detail)
+    finally:
+        runtime.engine = None
+
+
+async def _run_local(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
     settings = runtime.settings
     proof = await check_model(settings)
     # A big GGUF can take long to map; on shutdown the loading thread is abandoned, not waited for.

@@ -11,7 +11,8 @@ __all__ = ["ComponentState", "Readiness"]
 
 @attrs.frozen
 class ComponentState:
-    status: str  # "starting" | "ready" | "degraded" | "failed" | "stopped"
+    #: "starting" | "ready" | "degraded" | "unavailable" (remote workers all down) | "failed" | "stopped"
+    status: str
     detail: dict[str, Any] = attrs.field(factory=dict)
 
     @property

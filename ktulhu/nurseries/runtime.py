@@ -16,6 +16,7 @@ from .readiness import Readiness
 if TYPE_CHECKING:
     from ..chat.summaries import SummaryWorker
     from ..engine.engine import Engine
+    from ..engine.remote import RemoteEngine
     from ..engine.model import Model
     from ..router.service import Router
     from ..store import Store
@@ -42,7 +43,8 @@ class Runtime:
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     store: Store | None = None
     model: Model | None = None
-    engine: Engine | None = None
+    #: The local batching engine, or in remote mode (`KTULHU_ENGINE=remote`) the client of the workers.
+    engine: Engine | RemoteEngine | None = None
     router: Router | None = None
     summaries: SummaryWorker | None = None
     #: New chat titles, for `/chat-summary/ws` and `/ws` sessions.

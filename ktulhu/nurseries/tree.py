@@ -6,6 +6,7 @@
             ├── model      (GGUF loaded once; the batching engine and its decode threads)
             ├── router     (intent router)
             ├── summaries  (chat titles, low priority)
+            ├── replicas   (PostgreSQL store only: cross-replica turn locks, title relay)
             └── loop lag   (probe: how late the event loop wakes -> /metrics)
 
 `run` reports started as soon as the store is open, so HTTP can answer `/healthz` and a 503
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +24,7 @@ import trio
 
 from . import engine as engine_service
 from . import loop_lag
+from . import replicas as replicas_service
 from . import router as router_service
 from . import summaries as summaries_service
 from . import store as store_service
@@ -47,7 +50,10 @@ async def run(
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the tree until cancelled; any service failure raises `ServiceFailed` out of it."""
-    async with store_service.opened(runtime):
+    async with store_service.opened(runtime) as store:
+        shared = store.shared_url
+        if shared is not None:  # other front-ends may share this store
+            services = (*services, ("replicas", functools.partial(replicas_service.run, url=shared)))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(loop_lag.watch, name="loop-lag")  # no readiness: it cannot fail to start

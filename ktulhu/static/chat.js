@@ -436,8 +436,10 @@
         focusChatButton(id, ".rename");
         return;
       }
-      await renameChat(id, text);
+      const renamed = renameChat(id, text);  // shows the new title at once, then saves it
       focusChatButton(id, ".rename");
+      await renamed;
+      if (document.activeElement === document.body) focusChatButton(id, ".rename");  // a failed save re-rendered
     };
     input.addEventListener("keydown", (event) => {
       if (event.key === "Enter") { event.preventDefault(); finish(true); }

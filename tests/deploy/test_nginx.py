@@ -35,6 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from chat.wsclient import dones, tokens, ws_client
 from ktulhu.http.openai import MAX_BODY as OPENAI_MAX_BODY
+from ktulhu.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "nginx.conf"
@@ -51,12 +52,6 @@ needs_nginx = pytest.mark.skipif(not NGINX.is_file(), reason="/usr/sbin/nginx is
 
 
 # --- the pieces ------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
@@ -146,7 +141,7 @@ def deployment(server_dir: Path, tmp_path: Path) -> DeploymentFactory:
             _wait_for(lambda: httpx.get(f"{upstream}/readyz", timeout=5).status_code == 200, "/readyz")
 
             cert, key = self_signed_certificate(run / "tls")
-            https_port, http_port = _free_port(), _free_port()
+            https_port, http_port = free_port(), free_port()
             conf = run / "nginx.conf"
             conf.write_text(render(TEMPLATE.read_text(), {
                 "NGINX_USER": getpass.getuser(),  # only used when nginx starts as root

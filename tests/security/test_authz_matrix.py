@@ -89,6 +89,7 @@ CLASSES: dict[str, dict[str, dict[str, Any]]] = {
 RULES: dict[tuple[str, str], str] = {
     ("/", "GET"): "public",
     ("/static/<path:filename>", "GET"): "public",
+    ("/favicon.ico", "GET"): "public",
     ("/healthz", "GET"): "public",
     ("/readyz", "GET"): "readiness",
     ("/metrics", "GET"): "operator",
@@ -115,6 +116,8 @@ RULES: dict[tuple[str, str], str] = {
     ("/messages/by-device/<device_hash>", "GET"): "listing",
     ("/chat-summary/last", "GET"): "listing",
     ("/internal/chats/by-user/<user_id>", "GET"): "user_listing",
+    # a signed-in user takes over anonymous chats whose ids they hold
+    ("/api/chats/claim", "POST"): "user",
     ("/external/api/generate", "POST"): "user",
     ("/external/api/profile", "GET"): "user",
     ("/external/api/usage", "GET"): "user",
@@ -256,6 +259,7 @@ CALLS: dict[tuple[str, str], Builder] = {
     **CHAT_ROUTES,
     ("/", "GET"): _fixed("GET", "/"),
     ("/static/<path:filename>", "GET"): _fixed("GET", "/static/chat.js"),
+    ("/favicon.ico", "GET"): _fixed("GET", "/favicon.ico"),
     ("/healthz", "GET"): _fixed("GET", "/healthz"),
     ("/readyz", "GET"): _fixed("GET", "/readyz"),
     ("/metrics", "GET"): _fixed("GET", "/metrics"),
@@ -278,6 +282,8 @@ CALLS: dict[tuple[str, str], Builder] = {
     ("/chat-summary/last", "GET"): _fixed("GET", "/chat-summary/last?limit=200"),
     ("/internal/chats/by-user/<user_id>", "GET"): lambda ctx, t: Call(
         "GET", f"/internal/chats/by-user/{ctx.world.owner.id}"),
+    ("/api/chats/claim", "POST"): lambda ctx, t: Call(
+        "POST", "/api/chats/claim", {"chat_ids": [ctx.fresh_chat("anonymous_chat")[0]]}),
     ("/external/api/generate", "POST"): _fixed("POST", "/external/api/generate",
                                                {"prompt": "Hi", "max_tokens": 1, "language": "en"}),
     ("/external/api/profile", "GET"): _fixed("GET", "/external/api/profile"),
