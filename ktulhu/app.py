@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from quart import g, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -9,10 +10,11 @@ from .app_state import RUNTIME_KEY
 from .http import admin, auth, chats, cors, external, health, openai, pages, payments, proxies, summaries, ws
 from .http import metrics as metrics_route
 from .http.errors import ApiError, framework_error, store_unavailable
+from .logs import AccessLog, exchange_of
 from .nurseries.runtime import Runtime
 from .store.errors import StoreError
 
-__all__ = ["MAX_REQUEST_BYTES", "attach_runtime", "create_app"]
+__all__ = ["MAX_REQUEST_BYTES", "attach_runtime", "create_app", "install_access_log"]
 
 #: No route accepts a larger body (the OpenAI-compatible chat completions take up to 4 MiB).
 MAX_REQUEST_BYTES = 4 << 20
@@ -46,6 +48,26 @@ def create_app(runtime: Runtime | None = None) -> QuartTrio:
         app.register_blueprint(module.blueprint)
     cors.install(app)
     metrics_route.install(app)
+    install_access_log(app)
     # Outermost: every surface (rate limits, logs) sees the client behind a trusted reverse proxy.
     proxies.install(app)
     return app
+
+
+def install_access_log(app: QuartTrio) -> None:
+    """Request ids and the access log (`ktulhu.logs.AccessLog`); handlers find the id in `g.request_id`."""
+    app.asgi_app = AccessLog(app.asgi_app)  # type: ignore[method-assign]
+
+    @app.before_request
+    async def _note_request() -> None:
+        exchange = exchange_of(request.scope)
+        if exchange is not None:
+            g.request_id = exchange.request_id
+            if request.url_rule is not None:
+                exchange.route = request.url_rule.rule
+
+    @app.before_websocket
+    async def _note_websocket() -> None:
+        exchange = exchange_of(websocket.scope)
+        if exchange is not None:
+            g.request_id = exchange.request_id

@@ -29,6 +29,7 @@ import orjson
 import trio
 
 from ..auth.principal import AuthError, Principal, authenticate_bearer
+from ..logs import PromptAccessLog
 from ..nurseries.runtime import Runtime
 from ..store.records import to_dict
 from . import frames
@@ -74,6 +75,7 @@ class ChatSession:
         self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](runtime.settings.ws_queue)
         self._prompts: dict[str, _Running] = {}
         self._closing = False
+        self.access = PromptAccessLog(client)  # one access line per prompt
 
     @property
     def principal(self) -> Principal:
@@ -82,12 +84,15 @@ class ChatSession:
     async def run(self) -> None:
         """Serve the socket until the client leaves, the reader stalls (`StalledReader`) or the
         server stops."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write)
-            nursery.start_soon(self._push_titles)
-            async with trio.open_nursery() as prompts:
-                nursery.start_soon(self._stop_on_shutdown, prompts, nursery.cancel_scope)
-                await self._read(prompts)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write)
+                nursery.start_soon(self._push_titles)
+                async with trio.open_nursery() as prompts:
+                    nursery.start_soon(self._stop_on_shutdown, prompts, nursery.cancel_scope)
+                    await self._read(prompts)
+        finally:
+            self.access.end()
 
     async def _send(self, frame: dict[str, Any]) -> None:
         await self._outbox_send.send(frame)
@@ -102,6 +107,7 @@ class ChatSession:
                     await self.socket.send(orjson.dumps(frame).decode())
                 if waited.cancelled_caught:
                     raise StalledReader(f"the client accepted nothing for {timeout:g} s")
+                self.access.sent(frame)
 
     async def _push_titles(self) -> None:
         with self.runtime.summary_hub.subscribe(lambda chat: chat.id in self.ctx.chats) as events:
@@ -135,9 +141,11 @@ class ChatSession:
             except FrameError as bad:
                 await self._send(frames.error(bad.code, bad.detail, request_id=bad.request_id, chat_id=bad.chat_id))
                 if bad.prompt:
+                    self.access.started(bad.request_id, bad.chat_id)
                     await self._send(frames.done(bad.request_id, bad.chat_id, bad.code))
                 continue
             if isinstance(frame, PromptFrame):
+                self.access.started(frame.request_id, frame.chat_id)
                 await self._start_prompt(prompts, frame)
             elif isinstance(frame, Register):
                 await self._register(frame)

@@ -4,10 +4,16 @@ Allowed origins come from `config/allowed_origins.txt` (exact match, re-read whe
 changes). A page served by this server itself (same scheme-less host as the request) is always
 allowed. Requests without an `Origin` header (apps, SDKs, scripts) are not browsers and are never
 refused for that.
+
+A preflight from an allowed origin is answered with the request headers it asks for
+(`Access-Control-Request-Headers`), so SDKs that send their own headers (the OpenAI SDK's
+`x-stainless-*`, `openai-organization`) work from a browser; names that are not RFC 7230 tokens are
+left out, and a list that is too long is ignored (the default list is answered).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +24,7 @@ from ..app_state import RUNTIME_KEY
 from .errors import raise_error
 
 __all__ = ["DEFAULT_ORIGINS", "allowed_origins", "install", "origin_allowed", "refuse_cross_site_admin",
-           "websocket_origin_allowed"]
+           "requested_headers", "websocket_origin_allowed"]
 
 #: Used when the file is missing or lists nothing (the original's defaults).
 DEFAULT_ORIGINS = frozenset({
@@ -26,7 +32,16 @@ DEFAULT_ORIGINS = frozenset({
     "https://devfrontend.ktulhu.com", "http://localhost:5173",
 })
 ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+#: Answered to a preflight that names no (usable) request headers.
 ALLOW_HEADERS = "content-type, authorization, x-device-hash"
+#: Response headers a cross-origin page may read (SDKs report the request id and honour Retry-After).
+EXPOSE_HEADERS = "X-Request-ID, Retry-After"
+#: Bounds on `Access-Control-Request-Headers`: browsers send a few dozen short names at most.
+MAX_REQUESTED_HEADERS = 64
+MAX_HEADER_LIST_CHARS = 4096
+MAX_HEADER_NAME_CHARS = 128
+#: RFC 7230 `token` (a header field name).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 _cache: dict[Path, tuple[float, frozenset[str]]] = {}
 
@@ -69,6 +84,33 @@ def refuse_cross_site_admin() -> None:
         raise_error(403, "cross_site_admin", "admin credentials are accepted only from this server's own pages")
 
 
+def requested_headers(value: str | None) -> tuple[str, ...] | None:
+    """The header names a preflight asks for, lower-cased, each once, in order; None to answer the
+    default list (no header, nothing usable in it, or more than the bounds allow).
+
+    Entries that are not RFC 7230 tokens (or longer than `MAX_HEADER_NAME_CHARS`) are left out:
+    the browser then fails that preflight itself, and nothing unsanitised is echoed."""
+    if value is None or len(value) > MAX_HEADER_LIST_CHARS:
+        return None
+    entries = value.split(",")
+    if len(entries) > MAX_REQUESTED_HEADERS:
+        return None
+    names: dict[str, None] = {}
+    for entry in entries:
+        name = entry.strip(" \t")
+        if len(name) <= MAX_HEADER_NAME_CHARS and _TOKEN.fullmatch(name):
+            names[name.lower()] = None
+    return tuple(names) or None
+
+
+def _add_preflight_headers(response: Response) -> None:
+    requested = requested_headers(request.headers.get("Access-Control-Request-Headers"))
+    response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
+    response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS if requested is None else ", ".join(requested)
+    response.vary.add("Access-Control-Request-Headers")
+
+
+# quart-cors is not installed, and its per-route configuration buys nothing over these ~40 lines.
 def install(app: QuartTrio) -> None:
     @app.after_request
     async def add_cors_headers(response: Response) -> Response:
@@ -76,11 +118,12 @@ def install(app: QuartTrio) -> None:
         runtime = app.extensions.get(RUNTIME_KEY)
         if origin is None or runtime is None:
             return response
+        response.vary.add("Origin")  # also when refused: a cache must not reuse one origin's answer for another
         if origin_allowed(origin, request.host, allowed_origins(runtime.settings.allowed_origins_file)):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Credentials"] = "true"
-            response.headers.add("Vary", "Origin")
             if request.method == "OPTIONS":
-                response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
-                response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
+                _add_preflight_headers(response)
+            else:
+                response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
         return response

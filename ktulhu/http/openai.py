@@ -4,18 +4,29 @@ Same engine and quotas as the rest of the server; auth by app JWT or API key as 
 credential (the OpenAI SDKs' `api_key`). Errors use OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`. The `model` field is accepted and ignored: the
 server runs one model, named in every answer. Like llama-server, a non-standard `grammar` field
-(GBNF) constrains the reply.
+(GBNF) constrains the reply, and `top_k`, `min_p`, `repeat_penalty` tune the sampling.
+
+No field is dropped unseen: each one the server knows is honoured (sampling, `logit_bias`,
+`response_format` as a grammar) or, where it asks for something not done here (tools, log
+probabilities, several choices), refused with a 400 naming it, like every unknown field. Only
+fields that change nothing here (`user`, `store`, `metadata`, `tool_choice: "none"` ...) pass.
+A reply ends with `finish_reason` `stop` or `length` only when it really ended so; otherwise it is
+an error (in a stream, an `error` event).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import attrs
 import orjson
 from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
@@ -25,11 +36,13 @@ from ..api.generation import PaidGeneration, begin, sse_response
 from ..api.problems import Problem
 from ..app_state import current_runtime
 from ..engine.prompt import ChatMessage
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import LOGIT_BIAS_MAX, SamplingParams, json_grammar
+from ..nurseries.runtime import Runtime
+from ..settings import Settings
 from ..store.errors import StoreError
 from .errors import ApiError, json_body, json_response
 
-__all__ = ["blueprint", "model_name", "parse_messages", "parse_stop"]
+__all__ = ["ChatRequest", "blueprint", "model_name", "parse_messages", "parse_request", "parse_stop"]
 
 log = logging.getLogger("ktulhu.http.openai")
 
@@ -42,20 +55,39 @@ MAX_TEMPERATURE = 2.0
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
-_SPEC = {
-    "messages": ((list,), True),
-    "model": ((str, None), False),
-    "temperature": ((float, None), False),
-    "top_p": ((float, None), False),
-    "max_tokens": ((int, None), False),
-    "max_completion_tokens": ((int, None), False),
-    "stop": ((str, list, None), False),
-    "seed": ((int, None), False),
-    "stream": ((bool, None), False),
-    "stream_options": ((dict, None), False),
-    "n": ((int, None), False),
-    "grammar": ((str, None), False),
+_ANY_NUMBER = (float, None)
+#: Every request field this server knows, with its JSON types (None: null). Any other field is
+#: refused (400 `unknown_parameter`): a field silently dropped would change the reply unseen.
+_FIELDS: dict[str, tuple[type | None, ...]] = {
+    "messages": (list,),
+    "model": (str, None),
+    # honoured
+    "temperature": _ANY_NUMBER, "top_p": _ANY_NUMBER, "top_k": (int, None), "min_p": _ANY_NUMBER,
+    "repeat_penalty": _ANY_NUMBER, "presence_penalty": _ANY_NUMBER, "frequency_penalty": _ANY_NUMBER,
+    "logit_bias": (dict, None), "max_tokens": (int, None), "max_completion_tokens": (int, None),
+    "stop": (str, list, None), "seed": (int, None), "stream": (bool, None), "stream_options": (dict, None),
+    "n": (int, None), "grammar": (str, None), "response_format": (dict, None),
+    # accepted where they ask for nothing this server would do differently, refused otherwise
+    "user": (str, None), "store": (bool, None), "metadata": (dict, None), "service_tier": (str, None),
+    "tools": (list, None), "tool_choice": (str, dict, None), "parallel_tool_calls": (bool, None),
+    "functions": (list, None), "function_call": (str, dict, None),
+    "logprobs": (bool, None), "top_logprobs": (int, None),
 }
+#: Keys a message may carry besides `role` and `content`, when null or empty: what an SDK echoes
+#: back from an earlier answer's message.
+_MESSAGE_ECHOES = ("refusal", "tool_calls", "function_call", "audio", "annotations")
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "a whole number", float: "a number",
+               list: "an array", dict: "an object", type(None): "null"}
+
+
+@attrs.frozen
+class ChatRequest:
+    """A checked `/v1/chat/completions` body."""
+
+    messages: list[ChatMessage]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -133,9 +165,22 @@ def parse_messages(raw: list[Any], max_chars: int) -> list[ChatMessage]:
         if not isinstance(item, dict):
             raise Problem(400, "invalid_type", f"{where} must be an object", param=where)
         role = item.get("role")
+        if role in ("tool", "function"):
+            raise Problem(400, "unsupported_value", f"{where}.role `{role}` is not supported: this server does not "
+                          "call tools, so no tool results can be sent to it", param=f"{where}.role")
         if not isinstance(role, str) or role not in _ROLES:
             raise Problem(400, "invalid_value", f"{where}.role must be one of system, developer, user, assistant",
                           param=f"{where}.role")
+        for key, value in item.items():
+            if key in ("role", "content") or (key in _MESSAGE_ECHOES and value in (None, [], "")):
+                continue
+            if key == "name" and isinstance(value, str) and len(value) <= 64:
+                continue  # a participant's name: accepted and not rendered, as llama-server does
+            if key in ("tool_calls", "function_call"):
+                raise Problem(400, "unsupported_value", f"{where}.{key} is not supported: this server does not call "
+                              "tools", param=f"{where}.{key}")
+            raise Problem(400, "unknown_parameter", f"{where}.{_shown(key)} is not supported by this server (a "
+                          "message holds role and content)", param=f"{where}.{_shown(key)}")
         text = _content(item.get("content"), where)
         total += len(text)
         if total > max_chars:
@@ -159,31 +204,190 @@ def parse_stop(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _params(body: dict[str, Any]) -> SamplingParams:
-    settings = current_runtime().settings
-    temperature = body.get("temperature")
-    if temperature is not None and not 0 <= temperature <= MAX_TEMPERATURE:
-        raise Problem(400, "invalid_value", f"temperature must be from 0 to {MAX_TEMPERATURE}", param="temperature")
+def parse_request(body: dict[str, Any], settings: Settings, *, max_chars: int,
+                  n_vocab: int | None = None) -> ChatRequest:
+    """Check a whole body: every field known and of its type (else 400 `unknown_parameter`, 422
+    `invalid_body`), every value usable, every feature asked for one this server has (else 400
+    `unsupported_parameter`/`unsupported_value`). `n_vocab`, when known, bounds `logit_bias`'s ids.
+    Raises `Problem` with `param` naming the field."""
+    for name in body:
+        if name not in _FIELDS:
+            raise Problem(400, "unknown_parameter", f"unknown parameter `{_shown(name)}`: this server does not "
+                          "support it, and will not ignore it", param=_shown(name))
+    if "messages" not in body:
+        raise Problem(422, "invalid_body", "`messages` is required", param="messages")
+    for name, value in body.items():
+        _check_type(name, value, _FIELDS[name])
+    _refuse_unsupported(body)
+    messages = parse_messages(body["messages"], max_chars)
+    options = body.get("stream_options") or {}
+    for key, value in options.items():
+        if key not in ("include_usage", "include_obfuscation"):
+            raise Problem(400, "unknown_parameter", f"unknown parameter `stream_options.{_shown(key)}`",
+                          param=f"stream_options.{_shown(key)}")
+        if value is not None and not isinstance(value, bool):
+            raise Problem(400, "invalid_type", f"`stream_options.{key}` must be true or false",
+                          param=f"stream_options.{key}")
+    return ChatRequest(messages, _params(body, settings, n_vocab), stream=body.get("stream") is True,
+                       include_usage=options.get("include_usage") is True)
+
+
+def _shown(name: str) -> str:
+    """A field name as an error repeats it: a hostile body's 1 MB key is not echoed whole."""
+    return name if len(name) <= 64 else name[:64] + "..."
+
+
+def _check_type(name: str, value: Any, types: tuple[type | None, ...]) -> None:
+    allowed = tuple(type(None) if t is None else t for t in types)
+    if isinstance(value, bool):  # a bool is an int in Python; JSON true is never a number here
+        ok = bool in allowed
+    elif isinstance(value, int) and float in allowed:
+        ok = True
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        names = " or ".join(_TYPE_NAMES[t] for t in allowed)
+        raise Problem(422, "invalid_body", f"`{name}` must be {names}", param=name)
+
+
+def _unsupported(name: str, what: str) -> Problem:
+    return Problem(400, "unsupported_parameter", f"`{name}`: {what}", param=name)
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Fields asking for what this server does not do: a 400 naming them, never a reply without it."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        code = "invalid_value" if n < 1 else "unsupported_value"
+        raise Problem(400, code, f"n must be 1: this server returns one choice per request, got {n}", param="n")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise _unsupported(name, "function calling is not supported by this server; send the request without it")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "no tools can be called here: only `none` (or `auto`, which means the same "
+                                          "without tools) is accepted")
+    if body.get("function_call") not in (None, "none", "auto"):
+        raise _unsupported("function_call", "no functions can be called here: only `none` or `auto` is accepted")
+    if body.get("logprobs"):
+        raise _unsupported("logprobs", "log probabilities are not returned by this server; send `logprobs: false` "
+                                       "or leave it out")
+    if body.get("top_logprobs") not in (None, 0):
+        raise _unsupported("top_logprobs", "log probabilities are not returned by this server")
+    if body.get("service_tier") not in (None, "auto", "default"):
+        raise _unsupported("service_tier", "this server has one service tier: `auto` or `default`")
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float, what: str) -> float | None:
+    value = body.get(name)
+    if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+        raise Problem(400, "invalid_value", f"{name} must be {what}, got {value!r}", param=name)
+    return value
+
+
+def _logit_bias(value: dict[str, Any] | None, n_vocab: int | None) -> dict[int, float] | None:
+    """OpenAI's `{"<token id>": bias}` -> {id: bias}; each bias from -100 to 100 (-100 bans)."""
+    if not value:
+        return None
+    if len(value) > LOGIT_BIAS_MAX:
+        raise Problem(400, "invalid_value", f"logit_bias may hold at most {LOGIT_BIAS_MAX} tokens",
+                      param="logit_bias")
+    limit = n_vocab if n_vocab is not None else 2**31
+    biases = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < limit):
+            raise Problem(400, "invalid_value", f"logit_bias keys must be token ids from 0 to {limit - 1} (as "
+                          f"strings), got {key[:40]!r}", param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise Problem(400, "invalid_value", f"logit_bias values must be numbers from -100 to 100, got "
+                          f"{str(bias)[:40]} for token {key}", param="logit_bias")
+        biases[int(key)] = float(bias)
+    return biases
+
+
+def _response_format(value: dict[str, Any] | None, grammar: str | None) -> tuple[str | None, str | None]:
+    """`response_format` -> (grammar, the object as JSON for remote workers); (None, None) for text."""
+    if value is None:
+        return None, None
+    kind = value.get("type")
+    if kind == "text":
+        return None, None
+    if kind not in ("json_object", "json_schema"):
+        raise Problem(400, "invalid_value", "response_format.type must be text, json_object or json_schema",
+                      param="response_format.type")
+    if grammar is not None:
+        raise Problem(400, "invalid_value", "send either `grammar` or `response_format`, not both",
+                      param="response_format")
+    schema = None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise Problem(400, "invalid_value", "response_format.json_schema must be an object with the `schema`",
+                          param="response_format.json_schema")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise Problem(400, "invalid_value", "response_format.json_schema.schema must be a JSON schema object",
+                          param="response_format.json_schema.schema")
+    try:
+        made = json_grammar(schema)
+    except ValueError as exc:
+        param = "response_format.json_schema.schema" if kind == "json_schema" else "response_format"
+        raise Problem(400, "invalid_value", f"{param}: {exc}", param=param) from None
+    return made, json.dumps(value)
+
+
+def _params(body: dict[str, Any], settings: Settings, n_vocab: int | None) -> SamplingParams:
+    temperature = _number(body, "temperature", 0, MAX_TEMPERATURE, f"from 0 to {MAX_TEMPERATURE}")
+    top_p = _number(body, "top_p", 0, 1, "from 0 to 1")
+    min_p = _number(body, "min_p", 0, 1, "from 0 to 1")
+    presence = _number(body, "presence_penalty", -2, 2, "from -2 to 2")
+    frequency = _number(body, "frequency_penalty", -2, 2, "from -2 to 2")
+    repeat = _number(body, "repeat_penalty", 0, 10, "above 0 and at most 10 (1 = off)")
+    if repeat == 0:
+        raise Problem(400, "invalid_value", "repeat_penalty must be above 0 and at most 10 (1 = off)",
+                      param="repeat_penalty")
+    top_k = body.get("top_k")
+    if top_k is not None and not 0 <= top_k <= 1_000_000:
+        raise Problem(400, "invalid_value", f"top_k must be a whole number from 0 to 1000000 (0 = off), got {top_k}",
+                      param="top_k")
     max_tokens = body.get("max_completion_tokens")
+    name = "max_completion_tokens"
     if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+        max_tokens, name = body.get("max_tokens"), "max_tokens"
     if max_tokens is not None and max_tokens < 1:
-        raise Problem(400, "invalid_value", "max_tokens must be at least 1", param="max_tokens")
-    if body.get("n") not in (None, 1):
-        raise Problem(400, "invalid_value", "only n=1 is supported", param="n")
-    extra: dict[str, Any] = {}
-    if body.get("grammar") is not None:
-        extra["grammar"] = body["grammar"]
+        raise Problem(400, "invalid_value", f"{name} must be at least 1", param=name)
+    seed = body.get("seed")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise Problem(400, "invalid_value", f"seed must be a whole number from 0 to {2**32 - 1}", param="seed")
+    grammar, response_format = _response_format(body.get("response_format"), body.get("grammar"))
+    grammar = grammar or body.get("grammar")
     try:
         return SamplingParams.defaults(
-            settings, temperature=temperature, top_p=body.get("top_p"),
+            settings, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat,
+            presence_penalty=presence, frequency_penalty=frequency,
+            logit_bias=_logit_bias(body.get("logit_bias"), n_vocab),
             max_tokens=None if max_tokens is None else min(max_tokens, 1 << 20),
-            seed=body.get("seed"), stop=parse_stop(body.get("stop")) or None, **extra,
+            seed=seed, stop=parse_stop(body.get("stop")) or None, grammar=grammar, response_format=response_format,
         )
     except ValueError as exc:
         text = str(exc)
-        param = text.split(" ", 1)[0] if text.split(" ", 1)[0] in _SPEC else None
+        param = text.split(" ", 1)[0] if text.split(" ", 1)[0] in _FIELDS else None
         raise Problem(400, "invalid_value", text, param=param) from None
+
+
+def _vocab_size(runtime: Runtime) -> int | None:
+    """The local model's vocabulary size (None in remote mode, or while no engine runs)."""
+    model = getattr(runtime.engine, "model", None)
+    info = getattr(model, "info", None)
+    return getattr(info, "n_vocab", None)
+
+
+def _cache_key(user_id: str, messages: list[ChatMessage]) -> str:
+    """The engine's `chat_id` of a request: the caller and how the conversation begins, so that a
+    follow-up request finds (and is told about, as `cached_tokens`) what its predecessor cached."""
+    system = next((m.content for m in messages if m.role == "system"), "")
+    first = next((m.content for m in messages if m.role == "user"), "")
+    digest = hashlib.blake2b(f"{system}\x00{first}".encode("utf-8", "replace"), digest_size=12).hexdigest()
+    return f"v1:{user_id}:{digest}"
 
 
 def model_name() -> str:
@@ -221,24 +425,38 @@ def _model_card() -> dict[str, Any]:
 async def chat_completions() -> Response:
     caller = await authenticate()
     runtime = current_runtime()
-    body = await json_body(_SPEC, max_bytes=MAX_BODY)
-    messages = parse_messages(body["messages"], runtime.settings.max_prompt_chars * 4)
-    params = _params(body)
-    options = body.get("stream_options") or {}
-    include_usage = options.get("include_usage") is True
-    paid = await begin(runtime, caller.user, messages, params)
+    body = await json_body({}, max_bytes=MAX_BODY)
+    chat = parse_request(body, runtime.settings, max_chars=runtime.settings.max_prompt_chars * 4,
+                         n_vocab=_vocab_size(runtime))
+    paid = await begin(runtime, caller.user, chat.messages, chat.params,
+                       chat_id=_cache_key(caller.user.id, chat.messages))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name()}
-    if body.get("stream"):
-        return sse_response(_stream(paid, meta, include_usage), paid)
+    if chat.stream:
+        return sse_response(_stream(paid, meta, chat.include_usage), paid)
     with paid:
-        text = await paid.text()
+        text = await paid.text()  # a generation that did not finish raises `Problem` (an error answer)
     return json_response({
         **{"id": meta["id"], "object": "chat.completion", "created": meta["created"], "model": meta["model"]},
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": _FINISH.get(paid.finish_reason or "", "stop")}],
+                     "logprobs": None, "finish_reason": _finish_reason(paid)}],
         "usage": paid.usage,
         "system_fingerprint": None,
     })
+
+
+def _finish_reason(paid: PaidGeneration) -> str:
+    """`stop` (end of turn, a stop string) or `length`; `pieces()` has raised for anything else."""
+    reason = _FINISH.get(paid.finish_reason or "")
+    if reason is None:
+        raise Problem(500, "generation_failed", f"the generation ended without finishing ({paid.finish_reason})")
+    return reason
+
+
+def _error_event(status: int, code: str | None, message: str, param: str | None = None) -> bytes:
+    """OpenAI's mid-stream error: `data: {"error": {...}}`, then `data: [DONE]`."""
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    error = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
 
 
 def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None) -> bytes:
@@ -250,22 +468,25 @@ def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None) -> b
 
 async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
     """`data: {chunk}` events (role first, then content deltas, then the finish reason), an
-    optional usage chunk, then `data: [DONE]`. A failure mid-stream is an `error` object event
+    optional usage chunk, then `data: [DONE]`. A reply that did not finish (an engine failure, a
+    generation the server stopped) has no finish reason: it ends with an `error` object event
     (typed like the HTTP error it would have been: a grammar no token completes is the request's
-    fault, `invalid_request_error`; the headers left when the request was admitted)."""
+    fault, `invalid_request_error`; the headers left when the request was admitted), then `[DONE]`."""
     with paid:
         yield _chunk(meta, {"role": "assistant", "content": ""}, None)
         try:
             async with aclosing(paid.pieces()) as pieces:
                 async for piece in pieces:
                     yield _chunk(meta, {"content": piece}, None)
+            finish = _finish_reason(paid)
         except Problem as problem:
-            kind = _TYPES.get(problem.status, "server_error")
-            error = {"error": {"message": problem.message, "type": kind, "param": None, "code": problem.code}}
-            yield b"data: " + orjson.dumps(error) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield _error_event(problem.status, problem.code, problem.message, problem.param)
             return
-        yield _chunk(meta, {}, _FINISH.get(paid.finish_reason or "", "stop"))
+        except Exception:  # noqa: BLE001 - a bug must end the stream as an error, not as a short reply
+            log.exception("OpenAI-compatible stream failed")
+            yield _error_event(500, "internal_error", "the request failed on the server; it has been logged")
+            return
+        yield _chunk(meta, {}, finish)
         if include_usage:
             usage = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
                      "model": meta["model"], "system_fingerprint": None, "choices": [], "usage": paid.usage}
