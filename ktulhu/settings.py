@@ -25,6 +25,7 @@ from dotenv import dotenv_values
 from .engine.worker_specs import WorkerSpec, WorkerSpecError, parse_workers, resolve_keys, show_workers
 
 __all__ = [
+    "DEFAULT_TEMPLATE_FILE",
     "ENV_FILES",
     "JWT_SECRET_FILE",
     "Settings",
@@ -40,6 +41,10 @@ ENV_FILES = (".env", "config/payment.env", "config/llamacpp.env")
 JWT_SECRET_FILE = ".ktulhu/jwt_secret"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIN_JWT_SECRET_BYTES = 32
+
+
+#: The ChatML template used for a model whose GGUF embeds none (CHAT_TEMPLATE_PATH=auto).
+DEFAULT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def default_model_path() -> str:
@@ -447,8 +452,9 @@ class Settings:
         "Seconds the start-up check of the model and router (a child process) may take.", group="engine",
     )
     chat_template_path: str = setting(
-        "CHAT_TEMPLATE_PATH", "chat_template.jinja", _text,
-        "Jinja chat template; `gguf` = the template embedded in the model.", group="engine",
+        "CHAT_TEMPLATE_PATH", "auto", _text,
+        "Chat template: `auto` = the model's own (embedded in the GGUF), chat_template.jinja (ChatML) when it "
+        "has none; `gguf` = the embedded one, required and unchanged; else a Jinja file.", group="engine",
     )
     engine_mode: str = setting(
         "KTULHU_ENGINE", "local", _choice("local", "remote"),
@@ -606,7 +612,7 @@ class Settings:
                 f"no file at {self.model_file}; run `ktulhu models pull` or set LLAMA_CLI_MODEL "
                 "to the path of a GGUF model"
             )
-        if (not self.remote and self.chat_template_path != "gguf"
+        if (not self.remote and self.chat_template_path not in ("gguf", "auto")
                 and not self.path(self.chat_template_path).is_file()):
             problems.append(
                 f"CHAT_TEMPLATE_PATH={self.chat_template_path!r}: no file at "

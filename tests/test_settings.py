@@ -146,7 +146,13 @@ def test_runtime_check_names_missing_model_and_fix(tmp_path: Path) -> None:
     text = str(caught.value)
     assert "LLAMA_CLI_MODEL='models/nope.gguf' (environment)" in text
     assert "run `ktulhu models pull` or set LLAMA_CLI_MODEL" in text
-    assert "CHAT_TEMPLATE_PATH" in text  # no template in an empty directory either
+    assert "CHAT_TEMPLATE_PATH" not in text  # `auto`: the model's own template needs no file
+
+
+def test_runtime_check_names_a_missing_template_file(tmp_path: Path) -> None:
+    s = load_settings(environ={"CHAT_TEMPLATE_PATH": "my.jinja"}, root=tmp_path)
+    with pytest.raises(SettingsError, match="CHAT_TEMPLATE_PATH='my.jinja'"):
+        s.check_runtime()
 
 
 def test_runtime_check_passes_in_a_checkout(server_dir: Path) -> None:

@@ -21,9 +21,9 @@ import attrs
 import llama_cpp
 import trio
 
-from ..settings import Settings
+from ..settings import DEFAULT_TEMPLATE_FILE, Settings
 from .model import Model
-from .prompt import ChatMessage, ContextTooLong, Prompt, PromptBuilder, PromptError
+from .prompt import DEFAULT_SYSTEM, ChatMessage, ContextTooLong, Prompt, PromptBuilder, PromptError
 from .request import Busy, EngineClosed, Finished, Generation
 from .sampling import SamplingParams
 from .worker import DecodeWorker, WorkerStats, physical_cores
@@ -181,6 +181,44 @@ class Engine:
             params = attrs.evolve(params, max_tokens=prompt.max_tokens)
         return self.generate(prompt.tokens, params, chat_id=chat_id)
 
+    async def complete(self, prompt: str | Sequence[int], params: SamplingParams, *,
+                       chat_id: str | None = None) -> Generation:
+        """A raw completion: `prompt` as text (tokenised off the trio thread, with the model's BOS and
+        control tokens parsed, as llama-server does) or as token ids (taken as they are); no chat
+        template. The reply's budget is cut to what the slot's context leaves after the prompt."""
+        tokens = await self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else list(prompt)
+        room = self.n_ctx_seq - len(tokens)
+        if tokens and room < 1:
+            raise ContextTooLong(len(tokens) + 1, self.n_ctx_seq)
+        if tokens and room < params.max_tokens:
+            params = attrs.evolve(params, max_tokens=room)
+        return self.generate(tokens, params, chat_id=chat_id)
+
+    async def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True,
+                       with_pieces: bool = False) -> list[int] | list[tuple[int, bytes]]:
+        """Token ids of `text` (with `with_pieces`, (id, the bytes it spells) pairs), on a worker
+        thread under `prompt_limiter` (its cost grows with the text); raises `EngineClosed` once the
+        engine has stopped."""
+        if self._prompts_closed:
+            raise EngineClosed("the engine is not running")
+
+        def work() -> list[int] | list[tuple[int, bytes]]:
+            tokens = self.model.tokenize(text, special=parse_special, add_bos=add_special)
+            return [(t, self.model.piece(t)) for t in tokens] if with_pieces else tokens
+
+        return await trio.to_thread.run_sync(work, limiter=self.prompt_limiter, abandon_on_cancel=True)
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of `tokens` (ids from 0 to `n_vocab - 1`, checked by the caller), control tokens
+        spelled out; on a worker thread like `tokenize`."""
+        if self._prompts_closed:
+            raise EngineClosed("the engine is not running")
+        return await trio.to_thread.run_sync(self.model.detokenize, list(tokens), limiter=self.prompt_limiter,
+                                             abandon_on_cancel=True)
+
+    async def vocab_size(self) -> int:
+        return self.model.info.n_vocab
+
     def drop_cache(self) -> None:
         """Free the KV cache of idle conversations (they prefill from scratch next time)."""
         for worker in self._workers:
@@ -200,14 +238,28 @@ def _prompt_builder(model: Model, settings: Settings) -> PromptBuilder:
 
     bos = _token_text(model, llama_cpp.llama_vocab_bos(model.vocab))
     eos = _token_text(model, llama_cpp.llama_vocab_eos(model.vocab))
-    if settings.chat_template_path == "gguf":
+    mode = settings.chat_template_path
+    if mode in ("gguf", "auto"):
         source = llama_cpp.llama_model_chat_template(model.handle, None)
-        if not source:
+        if source:
+            builder = PromptBuilder(source.decode("utf-8"), tokenize, bos, eos)
+            if mode == "gguf":  # the model's template exactly as its authors wrote it
+                return builder
+            return _with_default_system(builder)
+        if mode == "gguf":
             raise PromptError("CHAT_TEMPLATE_PATH=gguf but the model has no embedded chat template; "
-                              "set CHAT_TEMPLATE_PATH to a template file")
-        return PromptBuilder(source.decode("utf-8"), tokenize, bos, eos)
-    return PromptBuilder.from_file(settings.path(settings.chat_template_path), tokenize,
-                                   bos_token=bos, eos_token=eos)
+                              "set CHAT_TEMPLATE_PATH to a template file, or to `auto`")
+    path = settings.path(DEFAULT_TEMPLATE_FILE if mode == "auto" else mode)
+    return PromptBuilder.from_file(path, tokenize, bos_token=bos, eos_token=eos)
+
+
+def _with_default_system(builder: PromptBuilder) -> PromptBuilder:
+    """`builder` with Ktulhu's default system prompt, unless its template refuses system messages."""
+    try:
+        builder.tokens([ChatMessage("system", "s"), ChatMessage("user", "u")])
+    except PromptError:
+        return builder
+    return attrs.evolve(builder, default_system=DEFAULT_SYSTEM)
 
 
 def _token_text(model: Model, token: int) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "ATTACHMENTS_HEADER",
     "ChatMessage",
     "ContextTooLong",
+    "DEFAULT_SYSTEM",
     "Prompt",
     "PromptBuilder",
     "PromptError",
@@ -34,6 +35,9 @@ ROLES = ("system", "user", "assistant")
 ATTACHMENTS_HEADER = "[Attachments]\nUse the information below when it helps answer the user\u2019s message.\n"
 # Private-use characters delimit message text in the rendered template; they are removed from text.
 _OPEN, _CLOSE = "\ue000", "\ue001"
+#: The system prompt of a conversation that brings none (the same as chat_template.jinja's).
+DEFAULT_SYSTEM = ("You are Ktulhu, a friendly and helpful assistant. Answer clearly and concisely, in the "
+                  "language the user writes in.")
 _MARKER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
@@ -150,6 +154,9 @@ class PromptBuilder:
     tokenize: Tokenize
     bos_token: str = ""
     eos_token: str = ""
+    #: Put in front of a conversation without a system message (a model's own template would
+    #: otherwise add its vendor's default, or none).
+    default_system: str | None = None
     _template: object = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -193,8 +200,14 @@ class PromptBuilder:
             raise PromptError("the chat template repeats message text; use a template that renders each once")
         return _Rendered(tuple(scaffolds), rendered[position:], tuple(order))
 
+    def _with_system(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
+        if self.default_system is None or not messages or messages[0].role == "system":
+            return messages
+        return [ChatMessage("system", self.default_system), *messages]
+
     def tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Token ids of `messages` rendered with the generation prompt."""
+        messages = self._with_system(messages)
         work = _Tokens(self.tokenize, _texts(messages), _no_check)
         return work.ids(self._render([m.role for m in messages]), range(len(messages)))
 
@@ -216,6 +229,7 @@ class PromptBuilder:
         """
         if not messages:
             raise PromptError("no messages to answer")
+        messages = self._with_system(messages)
         n_system = 1 if messages[0].role == "system" else 0
         newest = len(messages) - 1
         if messages[newest].role == "system":

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ktulhu.engine.engine import _prompt_builder
+from ktulhu.engine.engine import _prompt_builder, _with_default_system
 from ktulhu.engine.model import Model
-from ktulhu.engine.prompt import ChatMessage, ContextTooLong, PromptBuilder, PromptError, render_content
+from ktulhu.engine.prompt import (DEFAULT_SYSTEM, ChatMessage, ContextTooLong, PromptBuilder, PromptError,
+                                  render_content)
 from ktulhu.settings import load_settings
+from tests.engine.tiny_gguf import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,3 +112,37 @@ def test_attachment_notes_layout() -> None:
         "\n\n- A\n\n- B")
     assert render_content("  ", ["A"]).startswith("[Attachments]")
     assert render_content(" plain ") == "plain"
+
+
+def test_auto_uses_the_models_own_template_with_ktulhus_default_system(smol_model: Model) -> None:
+    """The default model's embedded template is ChatML: `auto` prompts it exactly as the bundled file
+    does, with and without a system message (so replies and cached prefixes do not change)."""
+    auto = _prompt_builder(smol_model, load_settings(environ={"CHAT_TEMPLATE_PATH": "auto"}, root=REPO))
+    bundled = _prompt_builder(smol_model, load_settings(environ={"CHAT_TEMPLATE_PATH": "chat_template.jinja"},
+                                                        root=REPO))
+    assert auto.template_source != bundled.template_source  # really the GGUF's own
+    for messages in ([ChatMessage("user", "Hi")], [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")],
+                     [ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello"), ChatMessage("user", "Bye")]):
+        assert auto.tokens(messages) == bundled.tokens(messages)
+        assert auto.build(messages, n_ctx=512, max_tokens=16) == bundled.build(messages, n_ctx=512, max_tokens=16)
+
+
+def test_auto_falls_back_to_chatml_for_a_gguf_without_a_template(tmp_path: Path) -> None:
+    plain = Model.load(load_settings(environ={"LLAMA_CLI_MODEL": str(write_tiny_gguf(tmp_path / "p.gguf",
+                                                                                     chat_template=None))},
+                                     root=REPO))
+    try:
+        auto = _prompt_builder(plain, load_settings(environ={}, root=REPO))
+        assert auto.template_source == (REPO / "chat_template.jinja").read_text(encoding="utf-8")
+        with pytest.raises(PromptError, match="no embedded chat template"):
+            _prompt_builder(plain, load_settings(environ={"CHAT_TEMPLATE_PATH": "gguf"}, root=REPO))
+    finally:
+        plain.close()
+
+
+def test_no_default_system_for_a_template_that_refuses_system_messages() -> None:
+    refusing = PromptBuilder("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+                             "{% for m in messages %}{{ m['content'] }}{% endfor %}", lambda text, special: list(text.encode()))
+    assert _with_default_system(refusing).default_system is None
+    accepting = PromptBuilder("{% for m in messages %}{{ m['content'] }}{% endfor %}", lambda text, special: list(text.encode()))
+    assert _with_default_system(accepting).tokens([ChatMessage("user", "x")]) == list((DEFAULT_SYSTEM + "x").encode())

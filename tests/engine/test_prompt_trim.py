@@ -63,6 +63,8 @@ def reference_tokens(builder: PromptBuilder, messages: list[ChatMessage]) -> lis
 def reference_build(builder: PromptBuilder, messages: list[ChatMessage], *, n_ctx: int, max_tokens: int) -> Prompt:
     if not messages:
         raise PromptError("no messages to answer")
+    if builder.default_system is not None and messages[0].role != "system":  # the model's own template
+        messages = [ChatMessage("system", builder.default_system), *messages]
     system = [messages[0]] if messages[0].role == "system" else []
     history = list(messages[len(system):-1])
     newest = messages[-1]

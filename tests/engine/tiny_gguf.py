@@ -14,7 +14,8 @@ import numpy as np
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
 
 
-def write_tiny_gguf(path: Path, *, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_ctx: int = 4096) -> Path:
+def write_tiny_gguf(path: Path, *, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_ctx: int = 4096,
+                    chat_template: str | None = TEMPLATE) -> Path:
     n_head = 4
     n_ff = 128
     rng = np.random.default_rng(seed)
@@ -47,7 +48,8 @@ def write_tiny_gguf(path: Path, *, seed: int = 0, n_embd: int = 64, n_layer: int
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(TEMPLATE)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def tensor(name: str, *shape: int, scale: float = 0.05) -> None:
         writer.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
