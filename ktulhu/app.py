@@ -8,6 +8,7 @@ from werkzeug.exceptions import HTTPException
 
 from .app_state import RUNTIME_KEY
 from .http import admin, auth, chats, cors, external, health, openai, pages, payments, proxies, summaries, ws
+from .http import completions, tokenize
 from .http import metrics as metrics_route
 from .http.errors import ApiError, framework_error, store_unavailable
 from .logs import AccessLog, exchange_of
@@ -19,7 +20,8 @@ __all__ = ["MAX_REQUEST_BYTES", "attach_runtime", "create_app", "install_access_
 #: No route accepts a larger body (the OpenAI-compatible chat completions take up to 4 MiB).
 MAX_REQUEST_BYTES = 4 << 20
 
-BLUEPRINTS = (health, ws, chats, summaries, auth, external, openai, admin, payments, pages, metrics_route)
+BLUEPRINTS = (health, ws, chats, summaries, auth, external, openai, completions, tokenize, admin, payments, pages,
+              metrics_route)
 
 
 def attach_runtime(app: QuartTrio, runtime: Runtime) -> None:

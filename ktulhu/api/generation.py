@@ -45,19 +45,23 @@ async def routed_system_prompt(runtime: Runtime, text: str, language: str | None
 
 
 async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: SamplingParams,
-                  chat_id: str | None) -> Generation:
+                  chat_id: str | None, *, prompt: str | Sequence[int] | None = None) -> Generation:
+    """`engine.chat(messages)`, or with `prompt` `engine.complete(prompt)` (a raw completion)."""
     engine = runtime.engine
     if engine is None or runtime.shutting_down.is_set():
         raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
                       headers={"Retry-After": "5"})
+    param = "messages" if prompt is None else "prompt"
     try:
+        if prompt is not None:
+            return await engine.complete(prompt, params, chat_id=chat_id)
         return await engine.chat(messages, params, chat_id=chat_id)
     except Busy as exc:
         raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "1"}) from None
     except ContextTooLong as exc:
-        raise Problem(413, "context_too_long", str(exc), param="messages") from None
+        raise Problem(413, "context_too_long", str(exc), param=param) from None
     except PromptError as exc:
-        raise Problem(400, "invalid_prompt", str(exc), param="messages") from None
+        raise Problem(400, "invalid_prompt", str(exc), param=param) from None
     except EngineClosed as exc:
         raise Problem(503, "engine_unavailable", str(exc), headers={"Retry-After": "5"}) from None
     except EngineError as exc:  # remote mode: no inference worker could take the prompt
@@ -134,9 +138,10 @@ class PaidGeneration:
 
 
 async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                chat_id: str | None = None) -> PaidGeneration:
+                chat_id: str | None = None, prompt: str | Sequence[int] | None = None) -> PaidGeneration:
     """Reserve one generation of `user`'s quota and submit the prompt; raises `Problem`. `chat_id`
-    keys the engine's prefix cache (slot affinity, and which cached tokens count as the caller's own)."""
+    keys the engine's prefix cache (slot affinity, and which cached tokens count as the caller's own).
+    With `prompt` (text or token ids), a raw completion of it: no chat template, `messages` unused."""
     try:
         reservation = await reserve(runtime, user)
     except QuotaExceeded:
@@ -145,7 +150,7 @@ async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], p
     except UserGone:
         raise Problem(401, "user_not_found", "the account no longer exists") from None
     try:
-        generation = await _submit(runtime, messages, params, chat_id)
+        generation = await _submit(runtime, messages, params, chat_id, prompt=prompt)
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(REFUND_TIMEOUT_S):
             await reservation.refund()

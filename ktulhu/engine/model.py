@@ -97,6 +97,30 @@ class Model:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_bos, special)
         return list(buffer[:n])
 
+    def piece(self, token: int) -> bytes:
+        """The bytes one token spells (a control token's own text, e.g. `<|im_end|>`)."""
+        buffer = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, True)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[:max(n, 0)]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of `tokens` (ids checked by the caller), control tokens spelled out, as
+        llama-server's `/detokenize`; bytes that are not UTF-8 become U+FFFD."""
+        if not tokens:
+            return ""
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        capacity = len(tokens) * 8 + 16
+        buffer = ctypes.create_string_buffer(capacity)
+        n = llama_cpp.llama_detokenize(self.vocab, ids, len(tokens), buffer, capacity, False, True)
+        if n < 0:  # buffer too small: llama.cpp returns -needed
+            capacity = -n
+            buffer = ctypes.create_string_buffer(capacity)
+            n = llama_cpp.llama_detokenize(self.vocab, ids, len(tokens), buffer, capacity, False, True)
+        return buffer.raw[:max(n, 0)].decode("utf-8", "replace")
+
     def close(self) -> None:
         if self.handle is not None:
             llama_cpp.llama_model_free(self.handle)

@@ -2,7 +2,8 @@
 
     RemoteEngine.run (engine nursery, one httpx client)
     ├── health[w]      GET /health (or /v1/models) every KTULHU_WORKER_HEALTH_INTERVAL: eject / re-admit
-    └── stream[...]    one per accepted request: SSE from <worker>/v1/chat/completions -> Generation
+    └── stream[...]    one per accepted request: SSE from <worker>/v1/chat/completions (raw prompts:
+                       /v1/completions) -> Generation
 
 `chat()` takes a slot on the chat's worker (`routing.Router`: rendezvous hashing with bounded load,
 a bounded FIFO, `Busy` beyond it), then starts the request's stream task in the engine nursery with
@@ -24,7 +25,7 @@ import collections
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -35,11 +36,11 @@ import trio
 from ..settings import Settings
 from .engine import EngineStats
 from .prompt import ChatMessage, ContextTooLong, PromptError
-from .request import Busy, EngineClosed, EngineError, Finished, Generation
+from .request import Busy, EngineClosed, EngineError, Finished, Generation, TokenLogprob
 from .routing import Lease, Router, WorkerState
 from .sampling import SamplingParams
 
-__all__ = ["RemoteEngine", "RemoteWorkerStats", "WorkerContextTooLong", "WorkerFailed", "prefix_key"]
+__all__ = ["RemoteEngine", "RemoteWorkerStats", "WorkerContextTooLong", "WorkerFailed", "WorkerLacks", "prefix_key"]
 
 log = logging.getLogger("ktulhu.engine.remote")
 
@@ -68,6 +69,10 @@ class WorkerContextTooLong(ContextTooLong):
         )
         self.needed = needed or 0
         self.available = available or 0
+
+
+class WorkerLacks(EngineError):
+    """The inference worker has no such endpoint (e.g. `/tokenize` on vLLM or Ollama)."""
 
 
 class _ContextExceeded(Exception):
@@ -123,6 +128,8 @@ class RemoteEngine:
         self._running = False
         #: chat id -> (worker url, tokens that chat left in the worker's cache), newest last.
         self._affinity: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+        #: worker url -> its model's `meta` from `/v1/models` (None: it has none).
+        self._meta: dict[str, dict[str, Any] | None] = {}
 
     # --- service ---------------------------------------------------------------------------------
 
@@ -270,6 +277,43 @@ class RemoteEngine:
         if chat_id is not None and left_on is not None:  # newer than what this front-end remembers when
             self._affinity[chat_id] = left_on            # another one served the chat's last turn
         gen = Generation.create((), params, chat_id)
+
+        def shrink(exceeded: _ContextExceeded) -> Callable[[WorkerState], bytes]:
+            nonlocal messages
+            trimmed = _trim(messages, exceeded, params.max_tokens)
+            if trimmed is None:
+                raise WorkerContextTooLong(exceeded.n_prompt, exceeded.n_ctx) from None
+            messages = trimmed
+            return lambda worker: self._body(worker, messages, params)
+
+        return await self._place(gen, key, "/v1/chat/completions",
+                                 lambda worker: self._body(worker, messages, params), shrink)
+
+    async def complete(self, prompt: str | Sequence[int], params: SamplingParams, *,
+                       chat_id: str | None = None) -> Generation:
+        """A raw completion (`prompt` as text or token ids, no chat template) on a worker's
+        `/v1/completions`, placed, retried and relayed like `chat`. Raises as `chat` does; a prompt
+        the worker's context cannot hold is `ContextTooLong` (nothing is trimmed from a raw prompt)."""
+        if not self._running or self._nursery is None:
+            raise EngineClosed("the engine is not running")
+        prompt = prompt if isinstance(prompt, str) else list(prompt)
+        if not prompt:
+            raise PromptError("empty prompt")
+        head = prompt[:4096] if isinstance(prompt, str) else ",".join(map(str, prompt[:1024]))
+        key = chat_id or "prefix:" + hashlib.blake2b(head.encode("utf-8", "replace"), digest_size=12).hexdigest()
+        gen = Generation.create((), params, chat_id)
+
+        def refuse(exceeded: _ContextExceeded) -> Callable[[WorkerState], bytes]:
+            raise ContextTooLong((exceeded.n_prompt or 0) + params.max_tokens, exceeded.n_ctx or 0) from None
+
+        return await self._place(gen, key, "/v1/completions",
+                                 lambda worker: self._body(worker, (), params, prompt=prompt), refuse)
+
+    async def _place(self, gen: Generation, key: str, path: str, body: Callable[[WorkerState], bytes],
+                     shrink: Callable[[_ContextExceeded], Callable[[WorkerState], bytes]]) -> Generation:
+        """Lease a worker for `key`, start the stream of `body` to its `path`; on to the next worker
+        when one fails, with `shrink`'s smaller body when the worker's context is too small."""
+        assert self._nursery is not None
         tried: set[str] = set()
         failure: WorkerFailed | None = None
         while True:
@@ -281,17 +325,14 @@ class RemoteEngine:
                 raise
             gen.metrics.admitted = time.perf_counter()
             try:
-                await self._nursery.start(self._stream, gen, lease, messages, params)
+                await self._nursery.start(self._stream, gen, lease, path, body)
                 return gen
             except RuntimeError:
                 if self._running:
                     raise
                 raise EngineClosed("the server is shutting down") from None  # the nursery closed meanwhile
             except _ContextExceeded as exceeded:
-                trimmed = _trim(messages, exceeded, params.max_tokens)
-                if trimmed is None:
-                    raise WorkerContextTooLong(exceeded.n_prompt, exceeded.n_ctx) from None
-                messages = trimmed
+                body = shrink(exceeded)
             except WorkerFailed as failed:
                 tried.add(lease.worker.url)
                 failure = failed
@@ -300,10 +341,105 @@ class RemoteEngine:
                 if not lease.released and gen.metrics.worker != lease.worker.url:
                     lease.release()
 
-    def _body(self, worker: WorkerState, messages: Sequence[ChatMessage], params: SamplingParams) -> bytes:
-        """The request: OpenAI fields plus llama-server's sampling extras (others ignore them)."""
+    # --- tokenizer (llama-server's /tokenize, /detokenize on the first healthy worker) -----------
+
+    async def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True,
+                       with_pieces: bool = False) -> list[int] | list[tuple[int, bytes]]:
+        """Token ids of `text` (with `with_pieces`, (id, bytes) pairs) from a worker's `/tokenize`.
+        Raises `WorkerLacks` when the worker has none (vLLM, Ollama), `PromptError` when it refused
+        the text, `WorkerFailed`, `Busy` (no worker up), `EngineClosed`."""
+        answer = await self._tokenizer("/tokenize", {"content": text, "add_special": add_special,
+                                                     "parse_special": parse_special, "with_pieces": with_pieces})
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list):
+            raise WorkerFailed("the inference worker's /tokenize answer holds no `tokens` list")
+        if not with_pieces:
+            if not all(_int_or_none(t) is not None for t in tokens):
+                raise WorkerFailed("the inference worker's /tokenize answer holds other things than token ids")
+            return tokens
+        pairs = []
+        for item in tokens:
+            piece = item.get("piece") if isinstance(item, dict) else None
+            if isinstance(piece, list) and all(isinstance(b, int) and 0 <= b < 256 for b in piece):
+                piece = bytes(piece)  # llama-server's spelling of a piece that is not valid UTF-8
+            elif isinstance(piece, str):
+                piece = piece.encode("utf-8")
+            if _int_or_none(item.get("id") if isinstance(item, dict) else None) is None or \
+                    not isinstance(piece, bytes):
+                raise WorkerFailed("the inference worker's /tokenize answer holds invalid pieces")
+            pairs.append((item["id"], piece))
+        return pairs
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of `tokens` from a worker's `/detokenize`; raises as `tokenize` does."""
+        answer = await self._tokenizer("/detokenize", {"tokens": list(tokens)})
+        content = answer.get("content") if isinstance(answer, dict) else None
+        if not isinstance(content, str):
+            raise WorkerFailed("the inference worker's /detokenize answer holds no `content` text")
+        return content
+
+    async def vocab_size(self) -> int | None:
+        """The first healthy worker's vocabulary size (llama-server's `/v1/models` `meta.n_vocab`),
+        None when it does not say; remembered per worker."""
+        meta = await self.model_meta()
+        return _int_or_none(meta.get("n_vocab")) if meta else None
+
+    async def model_meta(self) -> dict[str, Any] | None:
+        """The first healthy worker's model `meta` (llama-server's `/v1/models`), None if none says."""
+        healthy = self.router.healthy
+        if self._client is None or not healthy:
+            return None
+        worker = healthy[0]
+        if worker.url not in self._meta:
+            meta = None
+            try:
+                response = await self._client.get(worker.url + "/v1/models", headers=self._headers(worker),
+                                                  timeout=self.settings.worker_health_timeout)
+                data = response.json().get("data") if response.status_code == 200 else None
+                first = data[0] if isinstance(data, list) and data else None
+                if isinstance(first, dict) and isinstance(first.get("meta"), dict):
+                    meta = first["meta"]
+            except (httpx.HTTPError, OSError, ValueError, AttributeError):
+                return None  # not remembered: asked again next time
+            self._meta[worker.url] = meta
+        return self._meta[worker.url]
+
+    async def _tokenizer(self, path: str, payload: dict[str, Any]) -> Any:
+        if not self._running or self._client is None:
+            raise EngineClosed("the engine is not running")
+        healthy = self.router.healthy
+        if not healthy:
+            raise Busy("no inference worker is reachable right now; try again shortly")
+        worker = healthy[0]
+        try:
+            response = await self._client.post(worker.url + path, content=orjson.dumps(payload),
+                                               headers={"Content-Type": "application/json", **self._headers(worker)})
+        except (httpx.HTTPError, OSError) as error:
+            raise WorkerFailed(f"the inference worker {worker.url} could not take the request: "
+                               f"{_describe(error)}") from None
+        status = response.status_code
+        if status in (404, 405, 501):
+            raise WorkerLacks(f"the inference worker {worker.url} has no {path} (llama-server has it; vLLM and "
+                              "Ollama do not)")
+        if status != 200:
+            message, _ = await _error_body(response)
+            if 400 <= status < 500 and status not in (401, 403, 408, 429):
+                raise PromptError(f"the inference worker refused the request: {message or f'HTTP {status}'}")
+            raise WorkerFailed(f"the inference worker {worker.url} answered HTTP {status}"
+                               + (f": {message}" if message else ""))
+        try:
+            return orjson.loads(response.content[:MAX_LINE_BYTES * 16])
+        except orjson.JSONDecodeError:
+            raise WorkerFailed(f"the inference worker {worker.url} answered {path} with something not JSON") \
+                from None
+
+    def _body(self, worker: WorkerState, messages: Sequence[ChatMessage], params: SamplingParams, *,
+              prompt: str | list[int] | None = None) -> bytes:
+        """The request: OpenAI fields plus llama-server's sampling extras (others ignore them); a
+        raw completion's `prompt` instead of `messages` when given."""
         body: dict[str, Any] = {
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            **({"prompt": prompt} if prompt is not None else
+               {"messages": [{"role": m.role, "content": m.content} for m in messages]}),
             "stream": True, "stream_options": {"include_usage": True},
             "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
             "top_k": params.top_k, "min_p": params.min_p, "repeat_penalty": params.repeat_penalty,
@@ -322,12 +458,16 @@ class RemoteEngine:
             body["grammar"] = params.grammar
         if params.ignore_eos:
             body["ignore_eos"] = True
+        if params.logprobs is not None:
+            # llama-server returns entries only when at least one alternative is asked for (its n_probs)
+            body["logprobs"] = True
+            body["top_logprobs"] = max(1, params.logprobs)
         if worker.model:
             body["model"] = worker.model
         return orjson.dumps(body)
 
-    async def _stream(self, gen: Generation, lease: Lease, messages: Sequence[ChatMessage],
-                      params: SamplingParams, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _stream(self, gen: Generation, lease: Lease, path: str, body: Callable[[WorkerState], bytes], *,
+                      task_status: trio.TaskStatus[None]) -> None:
         """One request to one worker. Before `started` it raises (`chat` decides what next); after
         it, every outcome goes into `gen` and the slot is given back."""
         assert self._client is not None
@@ -336,7 +476,7 @@ class RemoteEngine:
         try:
             try:
                 async with self._client.stream(
-                    "POST", worker.url + "/v1/chat/completions", content=self._body(worker, messages, params),
+                    "POST", worker.url + path, content=body(worker),
                     headers={"Content-Type": "application/json", "Accept": "text/event-stream",
                              **self._headers(worker)},
                 ) as response:
@@ -428,6 +568,7 @@ class RemoteEngine:
         usage: dict[str, Any] = {}
         cache_n: int | None = None
         pieces = 0
+        entries = 0
         async for data in _sse_data(response, worker):
             if data == b"[DONE]":
                 break
@@ -443,6 +584,10 @@ class RemoteEngine:
                 message = error.get("message") if isinstance(error, dict) else error
                 raise EngineError(f"the inference worker {worker.url} failed: {str(message)[:300]}")
             text, finish = _choice(event, worker, params.include_thinking)
+            logprobs = _logprobs(event, worker, params.logprobs) if params.logprobs is not None else []
+            entries += len(logprobs)
+            if logprobs and not text:  # a token whose text the worker holds back: its entry goes on now
+                gen.deliver("", None, logprobs)
             if text:
                 now = time.perf_counter()
                 if metrics.first_token is None:
@@ -455,7 +600,7 @@ class RemoteEngine:
                 if pieces > params.max_tokens + PIECE_SLACK:
                     raise WorkerFailed(f"the inference worker {worker.url} sent more than the {params.max_tokens} "
                                        "tokens asked for")
-                gen.deliver(text)
+                gen.deliver(text, None, logprobs)
             if finish is not None:
                 reason = finish
             if isinstance(event.get("usage"), dict):
@@ -467,6 +612,9 @@ class RemoteEngine:
             raise WorkerFailed(f"the inference worker {worker.url} stopped mid-reply (its stream ended without a "
                                "finish reason); the reply so far was kept, and the next prompt goes to another "
                                "worker")
+        if params.logprobs is not None and pieces and not entries:
+            raise EngineError(f"the inference worker {worker.url} returned no log probabilities although they were "
+                              "asked for (it does not support `logprobs`); ask without them")
         prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
         completion = _int_or_none(usage.get("completion_tokens"))
         details = usage.get("prompt_tokens_details")
@@ -544,6 +692,9 @@ def _choice(event: dict[str, Any], worker: WorkerState, thinking: bool) -> tuple
     if not isinstance(choices, list) or not isinstance(choices[0], dict):
         raise WorkerFailed(f"the inference worker {worker.url} sent a chunk without valid choices")
     choice = choices[0]
+    if "delta" not in choice and isinstance(choice.get("text"), str):  # a text_completion chunk
+        finish = choice.get("finish_reason")
+        return choice["text"], finish if isinstance(finish, str) and finish else None
     delta = choice.get("delta") or {}
     if not isinstance(delta, dict):
         raise WorkerFailed(f"the inference worker {worker.url} sent a chunk without a valid delta")
@@ -554,6 +705,47 @@ def _choice(event: dict[str, Any], worker: WorkerState, thinking: bool) -> tuple
         raise WorkerFailed(f"the inference worker {worker.url} sent non-text content")
     finish = choice.get("finish_reason")
     return text, finish if isinstance(finish, str) and finish else None
+
+
+def _logprobs(event: dict[str, Any], worker: WorkerState, n_top: int) -> list[TokenLogprob]:
+    """The token entries of a chunk's `choices[0].logprobs.content` (OpenAI's format, which
+    llama-server and vLLM send); each token's text is taken from its `bytes` where given (a token
+    may hold part of a character), its alternatives cut to the `n_top` asked for."""
+    choices = event.get("choices")
+    logprobs = choices[0].get("logprobs") if isinstance(choices, list) and choices else None
+    if logprobs is None:
+        return []
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise WorkerFailed(f"the inference worker {worker.url} sent invalid log probabilities")
+    entries = []
+    for item in content:
+        data, logprob = _token_entry(item, worker)
+        top = item.get("top_logprobs") or []
+        if not isinstance(top, list):
+            raise WorkerFailed(f"the inference worker {worker.url} sent invalid log probabilities")
+        entries.append(TokenLogprob(data, logprob, tuple(_token_entry(t, worker) for t in top[:n_top])))
+    return entries
+
+
+def _token_entry(item: object, worker: WorkerState) -> tuple[bytes, float]:
+    """(bytes, logprob) of one `{"token", "logprob", "bytes"}` object."""
+    if not isinstance(item, dict):
+        raise WorkerFailed(f"the inference worker {worker.url} sent invalid log probabilities")
+    logprob = item.get("logprob")
+    raw = item.get("bytes")
+    token = item.get("token")
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        raise WorkerFailed(f"the inference worker {worker.url} sent a log probability that is not a number")
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        data = bytes(raw)
+    elif isinstance(token, str):
+        data = token.encode("utf-8")
+    else:
+        raise WorkerFailed(f"the inference worker {worker.url} sent a log probability without its token")
+    return data, float(logprob)
 
 
 async def _error_body(response: httpx.Response) -> tuple[str, dict[str, Any]]:

@@ -10,7 +10,8 @@ import trio
 
 from .sampling import SamplingParams
 
-__all__ = ["FINISH_OBSERVERS", "Busy", "EngineClosed", "EngineError", "Finished", "Generation", "RequestMetrics"]
+__all__ = ["FINISH_OBSERVERS", "Busy", "EngineClosed", "EngineError", "Finished", "Generation", "RequestMetrics",
+           "TokenLogprob"]
 
 #: Called on the trio thread, once per generation, with its `Finished` (metrics use it for the
 #: TTFT and inter-token histograms). An observer that raises is ignored: it must never break delivery.
@@ -86,12 +87,29 @@ class Finished:
     metrics: RequestMetrics
 
 
+@attrs.frozen
+class TokenLogprob:
+    """One generated token's log probability, for requests that ask (`SamplingParams.logprobs`).
+
+    `data` is the token's own bytes (a multi-byte character may be split across tokens: only the
+    concatenation of consecutive tokens' bytes is valid UTF-8). `logprob` is the natural log of the
+    token's probability under the model's raw distribution (log-softmax of its logits at that step,
+    before logit biases, penalties, grammar and temperature); `top` the most likely tokens of that
+    distribution as (bytes, logprob), most likely first."""
+
+    data: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 @attrs.define(eq=False)
 class Generation:
     """Handle of a submitted generation. Iterate it for text pieces; leaving `with` cancels it.
 
     Pieces are coalesced: a slow reader gets everything produced since its last read in one
-    piece, never less. `finished` is set when the iteration ends.
+    piece, never less. `finished` is set when the iteration ends. When the request asked for log
+    probabilities, `take_logprobs()` after each piece (and once after the iteration) returns the
+    entries of the tokens that piece holds.
     """
 
     tokens: tuple[int, ...]
@@ -103,6 +121,9 @@ class Generation:
     finished: Finished | None = None
     error: EngineError | None = None
     _pieces: list[str] = attrs.field(factory=list)
+    #: Token entries delivered and not yet handed out with a piece, and those handed out, not yet taken.
+    _logprobs: list[TokenLogprob] = attrs.field(factory=list)
+    _handed: list[TokenLogprob] = attrs.field(factory=list)
     _event: trio.Event = attrs.field(factory=trio.Event)
     #: Set by `cancel()`: whoever produces the text (a remote stream) awaits it instead of polling.
     _cancel_event: trio.Event = attrs.field(factory=trio.Event)
@@ -141,10 +162,12 @@ class Generation:
             if self._pieces:
                 text = "".join(self._pieces)
                 self._pieces.clear()
+                self._hand_logprobs()
                 return text
             if self.error is not None:
                 raise self.error
             if self.finished is not None:
+                self._hand_logprobs()
                 raise StopAsyncIteration
             await self._event.wait()
             self._event = trio.Event()
@@ -153,11 +176,24 @@ class Generation:
         """The whole reply (for non-streaming callers)."""
         return "".join([piece async for piece in self])
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The entries of the tokens in the pieces returned since the last call, in order (after the
+        iteration ended: also those of tokens that added no visible text). Empty unless asked for."""
+        taken, self._handed = self._handed, []
+        return taken
+
+    def _hand_logprobs(self) -> None:
+        if self._logprobs:
+            self._handed.extend(self._logprobs)
+            self._logprobs.clear()
+
     # --- called on the trio thread on behalf of the decode thread (run_sync_soon) ---------------
 
-    def deliver(self, text: str, finished: Finished | None = None) -> None:
+    def deliver(self, text: str, finished: Finished | None = None, logprobs: Sequence[TokenLogprob] = ()) -> None:
         if text:
             self._pieces.append(text)
+        if logprobs:
+            self._logprobs.extend(logprobs)
         if finished is not None:
             first = self.finished is None
             self.finished = finished

@@ -27,8 +27,8 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from ..settings import Settings
 from . import llama_log
 
-__all__ = ["GRAMMAR_MAX_CHARS", "LOGIT_BIAS_MAX", "SCHEMA_MAX_CHARS", "SamplingParams", "TokenSampler",
-           "build_chain", "check_grammar", "json_grammar"]
+__all__ = ["GRAMMAR_MAX_CHARS", "LOGIT_BIAS_MAX", "SCHEMA_MAX_CHARS", "TOP_LOGPROBS_MAX", "SamplingParams",
+           "TokenSampler", "build_chain", "check_grammar", "json_grammar", "token_logprobs"]
 
 #: Prompt tokens fed to the repetition penalty so it also discourages repeating the prompt.
 PENALTY_LAST_N = 64
@@ -39,6 +39,8 @@ GRAMMAR_MAX_REPEAT = 16_384
 #: Most entries of a request's `logit_bias`; a bias of -100 (the least) bans the token.
 LOGIT_BIAS_MAX = 1024
 LOGIT_BIAS_BAN = -100.0
+#: Most alternatives a request may ask for with each token's log probability (OpenAI's bound).
+TOP_LOGPROBS_MAX = 20
 #: Longest JSON schema (serialised) that `json_grammar` converts.
 SCHEMA_MAX_CHARS = 65_536
 _REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
@@ -158,6 +160,8 @@ def json_grammar(schema: object = None) -> str:
             raise ValueError("the JSON schema must be an object")
         try:
             text = json.dumps(schema)
+        except RecursionError:
+            raise ValueError("the JSON schema is nested too deeply") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(f"the JSON schema cannot be serialised: {exc}") from None
         if len(text) > SCHEMA_MAX_CHARS:
@@ -209,11 +213,21 @@ class SamplingParams:
     #: The OpenAI `response_format` object (JSON text) that `grammar` was made from: what a remote
     #: worker is sent instead of the grammar (it builds its own). The local engine follows `grammar`.
     response_format: str | None = None
+    #: Report each generated token's log probability and this many most likely alternatives
+    #: (0 to `TOP_LOGPROBS_MAX`); None = none (the default: no cost at all).
+    logprobs: int | None = attrs.field(default=None)
 
     @seed.validator
     def _check_seed(self, attribute: attrs.Attribute, value: int | None) -> None:
         if value is not None and not (isinstance(value, int) and 0 <= value < 2**32):
             raise ValueError(f"seed must be a whole number from 0 to {2**32 - 1}, got {value!r}")
+
+    @logprobs.validator
+    def _check_logprobs(self, attribute: attrs.Attribute, value: int | None) -> None:
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 <= value <= TOP_LOGPROBS_MAX):
+            raise ValueError(f"logprobs must be a whole number from 0 to {TOP_LOGPROBS_MAX} (the alternatives "
+                             f"reported per token), got {value!r}")
 
     @classmethod
     def defaults(cls, settings: Settings, **overrides: object) -> "SamplingParams":
@@ -333,3 +347,18 @@ class TokenSampler:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+
+
+def token_logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-softmax of one row of the model's raw logits (before biases, penalties, grammar and
+    temperature): the log probability of `token`, and the `n_top` most likely tokens as
+    (id, log probability), most likely first. O(n_vocab)."""
+    peak = float(logits.max())
+    log_total = peak + math.log(float(np.exp(logits - peak).sum(dtype=np.float64)))
+    top: list[tuple[int, float]] = []
+    if n_top > 0:
+        n_top = min(n_top, logits.shape[0])
+        ids = np.argpartition(logits, -n_top)[-n_top:]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        top = [(int(i), float(logits[i]) - log_total) for i in ids]
+    return float(logits[token]) - log_total, top

@@ -25,15 +25,16 @@ from pathlib import Path
 
 import attrs
 import llama_cpp
+import numpy as np
 import trio
 
 from . import llama_log
 from .model import Model
 from .output import OutputFilter
-from .request import EngineClosed, EngineError, Finished, Generation, GrammarDeadEnd
-from .sampling import TokenSampler
+from .request import EngineClosed, EngineError, Finished, Generation, GrammarDeadEnd, TokenLogprob
+from .sampling import TokenSampler, token_logprobs
 
-__all__ = ["DecodeWorker", "WorkerStats", "physical_cores"]
+__all__ = ["STEP_OBSERVERS", "DecodeWorker", "WorkerStats", "physical_cores"]
 
 log = logging.getLogger("ktulhu.engine")
 IDLE_WAIT_S = 0.1  # bounded sleep of an idle decode thread between checks for work or stop
@@ -42,6 +43,9 @@ IDLE_WAIT_S = 0.1  # bounded sleep of an idle decode thread between checks for w
 MIN_PREFILL_CHUNK = 64
 LLAMA_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback stopped it
 EMA = 0.2  # weight of the newest measurement in the step-cost estimates
+#: Called on a decode thread after every step with (sequences in the batch, prompt tokens prefilled
+#: by it): metrics count steps and batch sizes. Must be cheap and thread-safe; one that raises is ignored.
+STEP_OBSERVERS: list[Callable[[int, int], None]] = []
 
 
 def physical_cores() -> int:
@@ -72,6 +76,8 @@ class _Slot:
     #: What this step added (for undoing an aborted step): tokens, and the prompt chunk among them.
     step_tokens: int = 0
     step_chunk: list[int] = attrs.field(factory=list)
+    #: Log-probability entries of sampled tokens whose text is not delivered yet (requests that ask).
+    logprobs: list[TokenLogprob] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -255,7 +261,7 @@ class DecodeWorker:
                 self._add(slot, [slot.last_token], want_logits=True)
         generating = batch.n_tokens
         budget = self._prefill_budget(generating)
-        prefilled = 0
+        prefilled = chunks = 0
         for slot in sorted(running, key=lambda s: s.gen.metrics.submitted):  # then prefill, oldest first
             room = budget - prefilled
             if slot.pending and room > 0:
@@ -264,6 +270,7 @@ class DecodeWorker:
                 self._add(slot, chunk, want_logits=not slot.pending)
                 slot.step_chunk = chunk
                 prefilled += len(chunk)
+                chunks += 1
         self._prompt_tokens += prefilled
         # Only prefill steps are long enough to be worth interrupting (the check runs per graph node).
         watch = prefilled >= MIN_PREFILL_CHUNK
@@ -281,6 +288,12 @@ class DecodeWorker:
             llama_cpp.llama_set_abort_callback(self.ctx, llama_cpp.ggml_abort_callback(), None)
             self._watched = []
         self._decode_s += elapsed
+        # before any of its tokens is handed to trio: whoever sees a reply end sees its steps counted
+        for observer in STEP_OBSERVERS:  # an aborted step's chunks are prefilled again later: not counted
+            try:
+                observer(generating + chunks, 0 if rc else prefilled)
+            except Exception:  # noqa: BLE001 - observability must not break generation
+                pass
         if rc == LLAMA_DECODE_ABORTED:
             self._undo_step(running, prefilled)
         elif rc != 0:
@@ -409,7 +422,10 @@ class DecodeWorker:
             return
         metrics.generated_tokens += 1
         self._generated += 1
-        text = slot.output.feed(self._token_bytes(token))
+        data = self._token_bytes(token)
+        if gen.params.logprobs is not None:
+            slot.logprobs.append(self._logprob(slot, token, data, gen.params.logprobs))
+        text = slot.output.feed(data)
         if slot.output.stopped:
             self._finish(slot, "stop", text)
         elif metrics.generated_tokens >= slot.max_tokens:
@@ -417,7 +433,16 @@ class DecodeWorker:
         else:
             slot.last_token = token
             if text:
-                self._call_trio(gen.deliver, text)
+                logprobs, slot.logprobs = slot.logprobs, []
+                self._call_trio(gen.deliver, text, None, logprobs)
+
+    def _logprob(self, slot: _Slot, token: int, data: bytes, n_top: int) -> TokenLogprob:
+        """The sampled token's entry from the raw logits of its step (O(n_vocab), only for requests
+        that ask): read after sampling, which leaves the context's logits as they are."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, slot.batch_index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.model.info.n_vocab,))
+        logprob, top = token_logprobs(logits, token, n_top)
+        return TokenLogprob(data, logprob, tuple((data if i == token else self._token_bytes(i), lp) for i, lp in top))
 
     def _token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
@@ -431,6 +456,9 @@ class DecodeWorker:
         gen = slot.gen
         if reason not in ("cancelled", "stop") and error is None:
             text += slot.output.finish()
+        logprobs, slot.logprobs = slot.logprobs, []
+        if reason == "stop":  # the stop string's own tokens have no entry (as llama-server)
+            logprobs = _covering(logprobs, text)
         slot.chain.close()
         slot.chain = None
         slot.gen = None
@@ -443,7 +471,7 @@ class DecodeWorker:
         if error is not None:
             self._call_trio(gen.fail, error)
         else:
-            self._call_trio(gen.deliver, text, Finished(reason, gen.metrics))
+            self._call_trio(gen.deliver, text, Finished(reason, gen.metrics), logprobs)
         self._call_trio(self._on_slot_free)
 
     def _decode_failed(self, running: list[_Slot], rc: int) -> None:
@@ -458,6 +486,19 @@ class DecodeWorker:
             self._trio_token.run_sync_soon(fn, *args)
         except trio.RunFinishedError:
             pass
+
+
+def _covering(entries: list[TokenLogprob], text: str) -> list[TokenLogprob]:
+    """The first entries whose bytes cover `text`, the reply's last text before a stop string: the
+    tokens after them spelled only the stop string."""
+    need = len(text.encode("utf-8"))
+    kept: list[TokenLogprob] = []
+    for entry in entries:
+        if need <= 0:
+            break
+        kept.append(entry)
+        need -= len(entry.data)
+    return kept
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,4 +1,5 @@
-"""`/healthz` (the process answers) and `/readyz` (store, model and router are usable, doctor statuses)."""
+"""`/healthz` (the process answers), `/readyz` (store, model and router are usable, doctor statuses),
+and `/health`, llama-server's readiness answer for its clients and load balancers."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ async def readyz() -> tuple[dict, int]:
         return snapshot, 503
     report = await runtime.doctor.report()
     return {**snapshot, "doctor": report.statuses()}, 200
+
+
+@blueprint.get("/health")
+async def health() -> tuple[dict, int]:
+    """As llama-server answers: 200 `{"status": "ok"}` when ready (what `/readyz` says), else 503
+    `{"status": "loading", "error": {...}}` naming the components not usable yet (no details)."""
+    readiness = current_runtime().readiness
+    if readiness.ready:
+        return {"status": "ok"}, 200
+    waiting = sorted(name for name, c in readiness.components.items() if not c.usable)
+    status = "stopping" if readiness.stopping else "loading"
+    message = "the server is shutting down" if readiness.stopping else (
+        "not ready yet: " + (", ".join(waiting) or "starting"))
+    return {"status": status, "error": {"code": 503, "message": message, "type": "unavailable_error"}}, 503

@@ -7,9 +7,10 @@ server runs one model, named in every answer. Like llama-server, a non-standard 
 (GBNF) constrains the reply, and `top_k`, `min_p`, `repeat_penalty` tune the sampling.
 
 No field is dropped unseen: each one the server knows is honoured (sampling, `logit_bias`,
-`response_format` as a grammar) or, where it asks for something not done here (tools, log
-probabilities, several choices), refused with a 400 naming it, like every unknown field. Only
-fields that change nothing here (`user`, `store`, `metadata`, `tool_choice: "none"` ...) pass.
+`response_format` as a grammar, `logprobs`/`top_logprobs`, `tools`/`tool_choice` as in
+`ktulhu.api.tool_calls`) or, where it asks for something not done here (legacy `functions`,
+several choices), refused with a 400 naming it, like every unknown field. Only fields that change
+nothing here (`user`, `store`, `metadata`, `parallel_tool_calls` ...) pass.
 A reply ends with `finish_reason` `stop` or `length` only when it really ended so; otherwise it is
 an error (in a stream, an `error` event).
 """
@@ -34,9 +35,11 @@ from werkzeug.exceptions import HTTPException
 from ..api.caller import authenticate
 from ..api.generation import PaidGeneration, begin, sse_response
 from ..api.problems import Problem
+from ..api.tool_calls import ToolPlan, assistant_calls, parse_tools, tool_result
 from ..app_state import current_runtime
 from ..engine.prompt import ChatMessage
-from ..engine.sampling import LOGIT_BIAS_MAX, SamplingParams, json_grammar
+from ..engine.request import TokenLogprob
+from ..engine.sampling import LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX, SamplingParams, json_grammar
 from ..nurseries.runtime import Runtime
 from ..settings import Settings
 from ..store.errors import StoreError
@@ -67,11 +70,10 @@ _FIELDS: dict[str, tuple[type | None, ...]] = {
     "logit_bias": (dict, None), "max_tokens": (int, None), "max_completion_tokens": (int, None),
     "stop": (str, list, None), "seed": (int, None), "stream": (bool, None), "stream_options": (dict, None),
     "n": (int, None), "grammar": (str, None), "response_format": (dict, None),
+    "tools": (list, None), "tool_choice": (str, dict, None), "logprobs": (bool, None), "top_logprobs": (int, None),
     # accepted where they ask for nothing this server would do differently, refused otherwise
     "user": (str, None), "store": (bool, None), "metadata": (dict, None), "service_tier": (str, None),
-    "tools": (list, None), "tool_choice": (str, dict, None), "parallel_tool_calls": (bool, None),
-    "functions": (list, None), "function_call": (str, dict, None),
-    "logprobs": (bool, None), "top_logprobs": (int, None),
+    "parallel_tool_calls": (bool, None), "functions": (list, None), "function_call": (str, dict, None),
 }
 #: Keys a message may carry besides `role` and `content`, when null or empty: what an SDK echoes
 #: back from an earlier answer's message.
@@ -88,6 +90,8 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    #: The tools offered to the model (None: none, or `tool_choice: "none"`).
+    tools: ToolPlan | None = None
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -153,21 +157,37 @@ def _content(value: Any, where: str) -> str:
 
 
 def parse_messages(raw: list[Any], max_chars: int) -> list[ChatMessage]:
-    """OpenAI chat messages -> engine messages; raises `Problem` naming the message at fault."""
+    """OpenAI chat messages -> engine messages; raises `Problem` naming the message at fault.
+    An assistant's `tool_calls` and `tool` results become text (`ktulhu.api.tool_calls`): a
+    result is a user turn, consecutive results one turn."""
     if not raw:
         raise Problem(400, "invalid_value", "messages must hold at least one message", param="messages")
     if len(raw) > MAX_MESSAGES:
         raise Problem(400, "invalid_value", f"messages must hold at most {MAX_MESSAGES} messages", param="messages")
     messages: list[ChatMessage] = []
     total = 0
+    calls: dict[str, str] = {}  # tool call id -> function name, from the assistant messages so far
+    previous_tool = False
     for i, item in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(item, dict):
             raise Problem(400, "invalid_type", f"{where} must be an object", param=where)
         role = item.get("role")
-        if role in ("tool", "function"):
-            raise Problem(400, "unsupported_value", f"{where}.role `{role}` is not supported: this server does not "
-                          "call tools, so no tool results can be sent to it", param=f"{where}.role")
+        if role == "tool":
+            text = tool_result(item, where, _content(item.get("content"), where), calls)
+            total += len(text)
+            if total > max_chars:
+                raise Problem(413, "context_too_long", f"the messages hold more than {max_chars} characters",
+                              param="messages")
+            if previous_tool:
+                text = f"{messages.pop().content}\n\n{text}"
+            messages.append(ChatMessage("user", text))
+            previous_tool = True
+            continue
+        previous_tool = False
+        if role == "function":
+            raise Problem(400, "unsupported_value", f"{where}.role `function` (the legacy function calling) is not "
+                          "supported: send tool results as `tool` messages", param=f"{where}.role")
         if not isinstance(role, str) or role not in _ROLES:
             raise Problem(400, "invalid_value", f"{where}.role must be one of system, developer, user, assistant",
                           param=f"{where}.role")
@@ -176,12 +196,16 @@ def parse_messages(raw: list[Any], max_chars: int) -> list[ChatMessage]:
                 continue
             if key == "name" and isinstance(value, str) and len(value) <= 64:
                 continue  # a participant's name: accepted and not rendered, as llama-server does
+            if key == "tool_calls" and role == "assistant":
+                continue  # rendered below
             if key in ("tool_calls", "function_call"):
-                raise Problem(400, "unsupported_value", f"{where}.{key} is not supported: this server does not call "
-                              "tools", param=f"{where}.{key}")
+                raise Problem(400, "unsupported_value", f"{where}.{key} is not supported here (tool calls are the "
+                              "assistant's `tool_calls`)", param=f"{where}.{key}")
             raise Problem(400, "unknown_parameter", f"{where}.{_shown(key)} is not supported by this server (a "
                           "message holds role and content)", param=f"{where}.{_shown(key)}")
         text = _content(item.get("content"), where)
+        if role == "assistant" and item.get("tool_calls") not in (None, [], ""):
+            text = assistant_calls(item["tool_calls"], where, text, calls)
         total += len(text)
         if total > max_chars:
             raise Problem(413, "context_too_long", f"the messages hold more than {max_chars} characters",
@@ -219,7 +243,10 @@ def parse_request(body: dict[str, Any], settings: Settings, *, max_chars: int,
     for name, value in body.items():
         _check_type(name, value, _FIELDS[name])
     _refuse_unsupported(body)
+    tools = parse_tools(body)
     messages = parse_messages(body["messages"], max_chars)
+    if tools is not None:
+        messages = tools.apply(messages)
     options = body.get("stream_options") or {}
     for key, value in options.items():
         if key not in ("include_usage", "include_obfuscation"):
@@ -228,8 +255,11 @@ def parse_request(body: dict[str, Any], settings: Settings, *, max_chars: int,
         if value is not None and not isinstance(value, bool):
             raise Problem(400, "invalid_type", f"`stream_options.{key}` must be true or false",
                           param=f"stream_options.{key}")
-    return ChatRequest(messages, _params(body, settings, n_vocab), stream=body.get("stream") is True,
-                       include_usage=options.get("include_usage") is True)
+    params = _params(body, settings, n_vocab)
+    if tools is not None:
+        params = attrs.evolve(params, grammar=tools.grammar, response_format=tools.response_format)
+    return ChatRequest(messages, params, stream=body.get("stream") is True,
+                       include_usage=options.get("include_usage") is True, tools=tools)
 
 
 def _shown(name: str) -> str:
@@ -260,19 +290,10 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     if n is not None and n != 1:
         code = "invalid_value" if n < 1 else "unsupported_value"
         raise Problem(400, code, f"n must be 1: this server returns one choice per request, got {n}", param="n")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise _unsupported(name, "function calling is not supported by this server; send the request without it")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise _unsupported("tool_choice", "no tools can be called here: only `none` (or `auto`, which means the same "
-                                          "without tools) is accepted")
+    if body.get("functions"):
+        raise _unsupported("functions", "the legacy function calling is not supported; declare them as `tools`")
     if body.get("function_call") not in (None, "none", "auto"):
         raise _unsupported("function_call", "no functions can be called here: only `none` or `auto` is accepted")
-    if body.get("logprobs"):
-        raise _unsupported("logprobs", "log probabilities are not returned by this server; send `logprobs: false` "
-                                       "or leave it out")
-    if body.get("top_logprobs") not in (None, 0):
-        raise _unsupported("top_logprobs", "log probabilities are not returned by this server")
     if body.get("service_tier") not in (None, "auto", "default"):
         raise _unsupported("service_tier", "this server has one service tier: `auto` or `default`")
 
@@ -282,6 +303,19 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float, what: str) ->
     if value is not None and not (math.isfinite(value) and lo <= value <= hi):
         raise Problem(400, "invalid_value", f"{name} must be {what}, got {value!r}", param=name)
     return value
+
+
+def _top_logprobs(body: dict[str, Any]) -> int | None:
+    """`logprobs`/`top_logprobs` -> the alternatives reported per token (None: no log probabilities)."""
+    top = body.get("top_logprobs")
+    if body.get("logprobs") is not True:
+        if top is not None:
+            raise Problem(400, "invalid_value", "top_logprobs needs `logprobs: true`", param="top_logprobs")
+        return None
+    if top is not None and not 0 <= top <= TOP_LOGPROBS_MAX:
+        raise Problem(400, "invalid_value", f"top_logprobs must be a whole number from 0 to {TOP_LOGPROBS_MAX}, "
+                      f"got {top}", param="top_logprobs")
+    return top or 0
 
 
 def _logit_bias(value: dict[str, Any] | None, n_vocab: int | None) -> dict[int, float] | None:
@@ -360,6 +394,7 @@ def _params(body: dict[str, Any], settings: Settings, n_vocab: int | None) -> Sa
         raise Problem(400, "invalid_value", f"seed must be a whole number from 0 to {2**32 - 1}", param="seed")
     grammar, response_format = _response_format(body.get("response_format"), body.get("grammar"))
     grammar = grammar or body.get("grammar")
+    logprobs = _top_logprobs(body)
     try:
         return SamplingParams.defaults(
             settings, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat,
@@ -367,6 +402,7 @@ def _params(body: dict[str, Any], settings: Settings, n_vocab: int | None) -> Sa
             logit_bias=_logit_bias(body.get("logit_bias"), n_vocab),
             max_tokens=None if max_tokens is None else min(max_tokens, 1 << 20),
             seed=seed, stop=parse_stop(body.get("stop")) or None, grammar=grammar, response_format=response_format,
+            logprobs=logprobs,
         )
     except ValueError as exc:
         text = str(exc)
@@ -400,7 +436,7 @@ def model_name() -> str:
 @blueprint.get("/models")
 async def models() -> Response:
     await authenticate()
-    return json_response({"object": "list", "data": [_model_card()]})
+    return json_response({"object": "list", "data": [await _model_card()]})
 
 
 @blueprint.get("/models/<path:model_id>")
@@ -409,16 +445,35 @@ async def model(model_id: str) -> Response:
     if model_id != model_name():
         raise Problem(404, "model_not_found", f"the model `{model_id}` does not exist; this server runs "
                       f"`{model_name()}`", param="model")
-    return json_response(_model_card())
+    return json_response(await _model_card())
 
 
-def _model_card() -> dict[str, Any]:
+async def _model_card() -> dict[str, Any]:
     path = current_runtime().settings.model_file
     try:
         created = int(path.stat().st_mtime)
     except OSError:
         created = 0
-    return {"id": model_name(), "object": "model", "created": created, "owned_by": "ktulhu"}
+    return {"id": model_name(), "object": "model", "created": created, "owned_by": "ktulhu",
+            **await _context_size(current_runtime())}
+
+
+async def _context_size(runtime: Runtime) -> dict[str, Any]:
+    """The context a request may fill, as vLLM (`max_model_len`) and llama-server (`meta`) say it:
+    the local engine's slot; in remote mode what the first healthy worker's `/v1/models` says.
+    Nothing while no engine runs."""
+    engine = runtime.engine
+    model = getattr(engine, "model", None)
+    if model is not None:  # the local engine
+        info = model.info
+        return {"max_model_len": engine.n_ctx_seq,
+                "meta": {"n_ctx": engine.n_ctx_seq, "n_ctx_train": info.n_ctx_train, "n_vocab": info.n_vocab,
+                         "n_params": info.n_params, "size": info.size_bytes}}
+    meta = await engine.model_meta() if hasattr(engine, "model_meta") else None
+    if not meta:
+        return {}
+    n_ctx = meta.get("n_ctx") or meta.get("n_ctx_train")
+    return {**({"max_model_len": n_ctx} if isinstance(n_ctx, int) else {}), "meta": meta}
 
 
 @blueprint.post("/chat/completions")
@@ -432,16 +487,47 @@ async def chat_completions() -> Response:
                        chat_id=_cache_key(caller.user.id, chat.messages))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name()}
     if chat.stream:
-        return sse_response(_stream(paid, meta, chat.include_usage), paid)
+        return sse_response(_stream(paid, meta, chat.include_usage, chat.tools), paid)
     with paid:
-        text = await paid.text()  # a generation that did not finish raises `Problem` (an error answer)
+        text, tokens = await _reply(paid)  # a generation that did not finish raises `Problem` (an error answer)
+    message, finish = {"role": "assistant", "content": text}, _finish_reason(paid)
+    if chat.tools is not None:  # the reply's JSON: a tool call or a text
+        reply = chat.tools.reply(text, finish)
+        message, finish = reply.message(), reply.finish_reason
     return json_response({
         **{"id": meta["id"], "object": "chat.completion", "created": meta["created"], "model": meta["model"]},
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": _finish_reason(paid)}],
+        "choices": [{"index": 0, "message": message,
+                     "logprobs": _logprobs(paid, tokens), "finish_reason": finish}],
         "usage": paid.usage,
         "system_fingerprint": None,
     })
+
+
+async def _reply(paid: PaidGeneration) -> tuple[str, list[TokenLogprob]]:
+    """The whole reply and its tokens' log-probability entries (none unless asked for)."""
+    parts: list[str] = []
+    tokens: list[TokenLogprob] = []
+    async with aclosing(paid.pieces()) as pieces:
+        async for piece in pieces:
+            parts.append(piece)
+            tokens += paid.generation.take_logprobs()
+    tokens += paid.generation.take_logprobs()
+    return "".join(parts), tokens
+
+
+def _logprobs(paid: PaidGeneration, tokens: list[TokenLogprob]) -> dict[str, Any] | None:
+    """OpenAI's `choices[].logprobs` for `tokens`: null when the request did not ask. Each token's
+    `bytes` are its own (a character may span tokens); `token` is them decoded, a split character
+    as U+FFFD."""
+    if paid.generation.params.logprobs is None:
+        return None
+    return {"content": [{**_token(entry.data, entry.logprob),
+                         "top_logprobs": [_token(data, logprob) for data, logprob in entry.top]}
+                        for entry in tokens], "refusal": None}
+
+
+def _token(data: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
 
 
 def _finish_reason(paid: PaidGeneration) -> str:
@@ -459,26 +545,41 @@ def _error_event(status: int, code: str | None, message: str, param: str | None 
     return b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
 
 
-def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None) -> bytes:
+def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None,
+           logprobs: dict[str, Any] | None = None) -> bytes:
     payload = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
                "model": meta["model"], "system_fingerprint": None,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool,
+                  tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
     """`data: {chunk}` events (role first, then content deltas, then the finish reason), an
     optional usage chunk, then `data: [DONE]`. A reply that did not finish (an engine failure, a
     generation the server stopped) has no finish reason: it ends with an `error` object event
     (typed like the HTTP error it would have been: a grammar no token completes is the request's
-    fault, `invalid_request_error`; the headers left when the request was admitted), then `[DONE]`."""
+    fault, `invalid_request_error`; the headers left when the request was admitted), then `[DONE]`.
+    With `tools`, the reply's JSON is read whole first: its tool call (or text) comes at the end."""
     with paid:
-        yield _chunk(meta, {"role": "assistant", "content": ""}, None)
+        yield _chunk(meta, {"role": "assistant", "content": None if tools else ""}, None)
+        buffered: list[str] = []
         try:
             async with aclosing(paid.pieces()) as pieces:
                 async for piece in pieces:
-                    yield _chunk(meta, {"content": piece}, None)
+                    if tools is not None:
+                        buffered.append(piece)
+                        continue
+                    yield _chunk(meta, {"content": piece}, None, _logprobs(paid, paid.generation.take_logprobs()))
+            rest = paid.generation.take_logprobs()  # tokens that added no visible text at the end
+            if rest:
+                yield _chunk(meta, {"content": ""}, None, _logprobs(paid, rest))
             finish = _finish_reason(paid)
+            if tools is not None:
+                reply = tools.reply("".join(buffered), finish)
+                for delta in reply.deltas():
+                    yield _chunk(meta, delta, None)
+                finish = reply.finish_reason
         except Problem as problem:
             yield _error_event(problem.status, problem.code, problem.message, problem.param)
             return

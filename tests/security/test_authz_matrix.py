@@ -91,6 +91,7 @@ RULES: dict[tuple[str, str], str] = {
     ("/static/<path:filename>", "GET"): "public",
     ("/favicon.ico", "GET"): "public",
     ("/healthz", "GET"): "public",
+    ("/health", "GET"): "public",
     ("/readyz", "GET"): "readiness",
     ("/metrics", "GET"): "operator",
     ("/ws", WS): "socket",
@@ -128,6 +129,9 @@ RULES: dict[tuple[str, str], str] = {
     ("/external/api/credentials", "POST"): "user_jwt",
     ("/external/api/credentials/validate", "POST"): "user_jwt",
     ("/v1/chat/completions", "POST"): "user",
+    ("/v1/completions", "POST"): "user",
+    ("/tokenize", "POST"): "user",
+    ("/detokenize", "POST"): "user",
     ("/v1/models", "GET"): "user",
     ("/v1/models/<path:model_id>", "GET"): "user",
     ("/internal/admin", "GET"): "admin",
@@ -261,6 +265,7 @@ CALLS: dict[tuple[str, str], Builder] = {
     ("/static/<path:filename>", "GET"): _fixed("GET", "/static/chat.js"),
     ("/favicon.ico", "GET"): _fixed("GET", "/favicon.ico"),
     ("/healthz", "GET"): _fixed("GET", "/healthz"),
+    ("/health", "GET"): _fixed("GET", "/health"),
     ("/readyz", "GET"): _fixed("GET", "/readyz"),
     ("/metrics", "GET"): _fixed("GET", "/metrics"),
     ("/ws", WS): _fixed(WS, "/ws"),
@@ -298,6 +303,9 @@ CALLS: dict[tuple[str, str], Builder] = {
                                                            {"api_key": "legacy-key", "api_secret": "legacy-secret"}),
     ("/v1/chat/completions", "POST"): _fixed("POST", "/v1/chat/completions",
                                              {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+    ("/v1/completions", "POST"): _fixed("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
+    ("/tokenize", "POST"): _fixed("POST", "/tokenize", {"content": "Hi"}),
+    ("/detokenize", "POST"): _fixed("POST", "/detokenize", {"tokens": [1]}),
     ("/v1/models", "GET"): _fixed("GET", "/v1/models"),
     ("/v1/models/<path:model_id>", "GET"): lambda ctx, t: Call("GET", f"/v1/models/{ctx.model}"),
     ("/internal/admin", "GET"): _fixed("GET", "/internal/admin"),
@@ -409,7 +417,7 @@ async def test_authorisation_matrix(live_server, batch: str) -> None:
                             failures.append(f"{where}: expected {want}, got {got} {response.text[:160]!r}")
                         if got >= 500:
                             failures.append(f"{where}: server error {got}")
-                        if got >= 400 and (problem := error_shape_problem(response, openai=rule.startswith("/v1"))):
+                        if got >= 400 and (problem := error_shape_problem(response, openai=rule.startswith(("/v1", "/tokenize", "/detokenize")))):
                             failures.append(f"{where}: {problem}")
                         if got == 200 and RULES[(rule, method)] in ("listing", "user_listing"):
                             if leaked := _leaks(ctx, identity, response.text):
