@@ -8,7 +8,7 @@ from werkzeug.exceptions import HTTPException
 
 from .app_state import RUNTIME_KEY
 from .http import admin, auth, chats, cors, external, health, openai, pages, payments, proxies, summaries, ws
-from .http import completions, tokenize
+from .http import completions, embeddings, tokenize
 from .http import metrics as metrics_route
 from .http.errors import ApiError, framework_error, store_unavailable
 from .logs import AccessLog, exchange_of
@@ -21,7 +21,7 @@ __all__ = ["MAX_REQUEST_BYTES", "attach_runtime", "create_app", "install_access_
 MAX_REQUEST_BYTES = 4 << 20
 
 BLUEPRINTS = (health, ws, chats, summaries, auth, external, openai, completions, tokenize, admin, payments, pages,
-              metrics_route)
+              metrics_route, embeddings)
 
 
 def attach_runtime(app: QuartTrio, runtime: Runtime) -> None:

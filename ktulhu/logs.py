@@ -134,6 +134,15 @@ class HttpExchange:
     route: str = UNMATCHED
     status: int | None = None
     logged: bool = False
+    #: The `RequestMetrics` of a generation this request started (its tokens go on the line).
+    generation: Any = None
+
+
+def note_generation(scope: Scope, metrics: Any) -> None:
+    """Have the request's access line report the prompt and generated tokens of `metrics` (read when it is written)."""
+    exchange = exchange_of(scope)
+    if exchange is not None:
+        exchange.generation = metrics
 
 
 def exchange_of(scope: Scope) -> HttpExchange | None:
@@ -207,9 +216,14 @@ def _log_http(scope: Scope, exchange: HttpExchange, *, complete: bool) -> None:
     duration_ms = round((time.perf_counter() - exchange.started) * 1000, 1)
     fields = {"method": scope.get("method", "-"), "route": exchange.route, "status": exchange.status,
               "duration_ms": duration_ms, "request_id": exchange.request_id, "client": _client(scope),
-              "complete": complete}
-    ACCESS.info("%s %s %s %.1fms request_id=%s client=%s%s", fields["method"], exchange.route,
-                exchange.status or "-", duration_ms, exchange.request_id, fields["client"],
+              "complete": complete, "prompt_tokens": None, "tokens": None}
+    tokens = ""
+    if exchange.generation is not None:
+        fields["prompt_tokens"] = exchange.generation.prompt_tokens
+        fields["tokens"] = exchange.generation.generated_tokens
+        tokens = f" prompt_tokens={fields['prompt_tokens']} tokens={fields['tokens']}"
+    ACCESS.info("%s %s %s %.1fms request_id=%s client=%s%s%s", fields["method"], exchange.route,
+                exchange.status or "-", duration_ms, exchange.request_id, fields["client"], tokens,
                 "" if complete else " incomplete", extra=fields)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 from dotenv import dotenv_values
 
+from .engine.model_specs import ModelSpec, default_name, parse_models
 from .engine.worker_specs import WorkerSpec, WorkerSpecError, parse_workers, resolve_keys, show_workers
 
 __all__ = [
@@ -405,6 +406,26 @@ class Settings:
     model_path: str = setting(
         "LLAMA_CLI_MODEL", default_model_path(), _text, "Path of the GGUF model.", group="engine",
     )
+    embedding_model: str = setting(
+        "KTULHU_EMBEDDING_MODEL", "", _text,
+        "Path of a separate embedding GGUF for /v1/embeddings (loaded on first use); empty = the chat model.",
+        group="engine",
+    )
+    models: str = setting(
+        "KTULHU_MODELS", "", _text,
+        "More GGUFs served besides LLAMA_CLI_MODEL, picked by a request's `model`: comma-separated "
+        "NAME=PATH[|ctx=N][|slots=N]; loaded on first use.", group="engine",
+    )
+    model_keep_alive: float = setting(
+        "KTULHU_MODEL_KEEP_ALIVE", 300.0, _float(0, 1e9),
+        "Seconds a KTULHU_MODELS model stays loaded after its last request (0 = unload once idle).",
+        group="engine",
+    )
+    models_memory_mb: int = setting(
+        "KTULHU_MODELS_MEMORY_MB", 0, _int(0),
+        "Budget in MiB for the GGUFs loaded at once (file sizes, the default model's included); idle "
+        "models are unloaded to make room; 0 = no budget.", group="engine",
+    )
     llama_cli_bin: str = setting(
         "LLAMA_CLI_BIN", "", _text, "Accepted for compatibility and unused: the model runs in-process.",
         group="engine",
@@ -579,6 +600,16 @@ class Settings:
         return self.path(self.model_path)
 
     @property
+    def model_name(self) -> str:
+        """The default model's name (its file's stem)."""
+        return self.model_file.stem
+
+    @property
+    def model_specs(self) -> tuple[ModelSpec, ...]:
+        """KTULHU_MODELS parsed (`load_settings` has refused it when it has faults)."""
+        return parse_models(self.models, default_name=self.model_name)[0]
+
+    @property
     def store_url(self) -> str | None:
         """The PostgreSQL URL of a shared store (with its password: never log it), else None."""
         from .store.location import is_postgres_url
@@ -612,6 +643,10 @@ class Settings:
                 f"no file at {self.model_file}; run `ktulhu models pull` or set LLAMA_CLI_MODEL "
                 "to the path of a GGUF model"
             )
+        for spec in () if self.remote else self.model_specs:
+            if not self.path(spec.path).is_file():
+                problems.append(f"KTULHU_MODELS: the model {spec.name!r} has no file at {self.path(spec.path)}; "
+                                "fix its path or remove it")
         if (not self.remote and self.chat_template_path not in ("gguf", "auto")
                 and not self.path(self.chat_template_path).is_file()):
             problems.append(
@@ -707,6 +742,7 @@ def load_settings(
     problems += _check_secret(values, sources, root)
     problems += _check_workers(values, sources, layers, root)
     problems += _read_api_keys(values, sources, root)
+    problems += _check_models(values, sources)
     if problems:
         raise SettingsError(problems)
     return Settings(root=root, sources=sources, **values)
@@ -753,6 +789,16 @@ def _check_workers(values: dict[str, Any], sources: dict[str, str],
                 "KTULHU_WORKERS=http://10.0.0.5:8080|slots=4,http://10.0.0.6:8080 (or set KTULHU_ENGINE=local)"]
     values["workers"], problems = resolve_keys(workers, lambda name: _lookup(layers, name)[0], root)
     return problems
+
+
+def _check_models(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """One line per fault of KTULHU_MODELS (syntax, names); missing files are `check_runtime`'s."""
+    raw = values.get("models", "")
+    if not raw:
+        return []
+    name = default_name(values.get("model_path", default_model_path()))
+    source = sources.get("KTULHU_MODELS", "command line")
+    return [f"KTULHU_MODELS (from {source}): {problem}" for problem in parse_models(raw, default_name=name)[1]]
 
 
 def _read_api_keys(values: dict[str, Any], sources: dict[str, str], root: Path) -> list[str]:

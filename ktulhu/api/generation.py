@@ -17,12 +17,14 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from quart import Response
+from quart import Response, has_request_context, request
 
 from ..auth.quota import QuotaExceeded, Reservation, UserGone, reserve
+from ..engine.pool import ModelBudgetFull, ModelUnavailable, UnknownModel
 from ..engine.prompt import ChatMessage, ContextTooLong, PromptError
 from ..engine.request import Busy, EngineClosed, EngineError, Generation, GrammarDeadEnd
 from ..engine.sampling import SamplingParams
+from ..logs import note_generation
 from ..nurseries.runtime import Runtime
 from ..prompts import system_prompt
 from ..router.result import IntentRoutingResult
@@ -45,12 +47,36 @@ async def routed_system_prompt(runtime: Runtime, text: str, language: str | None
 
 
 async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: SamplingParams,
-                  chat_id: str | None, *, prompt: str | Sequence[int] | None = None) -> Generation:
-    """`engine.chat(messages)`, or with `prompt` `engine.complete(prompt)` (a raw completion)."""
+                  chat_id: str | None, *, prompt: str | Sequence[int] | None = None,
+                  model: str | None = None) -> tuple[Generation, str]:
+    """`engine.chat(messages)`, or with `prompt` `engine.complete(prompt)` (a raw completion), on the
+    model `model` picks (`ModelPool.resolve`; remote mode: the one model), and that model's name."""
     engine = runtime.engine
     if engine is None or runtime.shutting_down.is_set():
         raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
                       headers={"Retry-After": "5"})
+    pool = runtime.models
+    if pool is None:
+        return await _submit_to(engine, messages, params, chat_id, prompt), runtime.settings.model_name
+    try:
+        lease = await pool.acquire(model)
+    except UnknownModel as exc:
+        raise Problem(404, "model_not_found", str(exc), param="model") from None
+    except ModelBudgetFull as exc:
+        raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "5"}) from None
+    except ModelUnavailable as exc:
+        raise Problem(503, "model_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+    try:
+        generation = await _submit_to(lease.engine, messages, params, chat_id, prompt)
+    except BaseException:
+        lease.release()
+        raise
+    lease.follow(generation)  # the model stays loaded until the generation ends
+    return generation, lease.name
+
+
+async def _submit_to(engine: Any, messages: Sequence[ChatMessage], params: SamplingParams, chat_id: str | None,
+                     prompt: str | Sequence[int] | None) -> Generation:
     param = "messages" if prompt is None else "prompt"
     try:
         if prompt is not None:
@@ -76,6 +102,8 @@ class PaidGeneration:
 
     generation: Generation
     reservation: Reservation
+    #: The name of the model that runs it.
+    model: str = ""
     delivered: bool = False
 
     def __enter__(self) -> PaidGeneration:
@@ -138,10 +166,12 @@ class PaidGeneration:
 
 
 async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], params: SamplingParams, *,
-                chat_id: str | None = None, prompt: str | Sequence[int] | None = None) -> PaidGeneration:
+                chat_id: str | None = None, prompt: str | Sequence[int] | None = None,
+                model: str | None = None) -> PaidGeneration:
     """Reserve one generation of `user`'s quota and submit the prompt; raises `Problem`. `chat_id`
     keys the engine's prefix cache (slot affinity, and which cached tokens count as the caller's own).
-    With `prompt` (text or token ids), a raw completion of it: no chat template, `messages` unused."""
+    With `prompt` (text or token ids), a raw completion of it: no chat template, `messages` unused.
+    `model` picks the model (404 `model_not_found` for an unknown one when several are configured)."""
     try:
         reservation = await reserve(runtime, user)
     except QuotaExceeded:
@@ -150,12 +180,14 @@ async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], p
     except UserGone:
         raise Problem(401, "user_not_found", "the account no longer exists") from None
     try:
-        generation = await _submit(runtime, messages, params, chat_id, prompt=prompt)
+        generation, name = await _submit(runtime, messages, params, chat_id, prompt=prompt, model=model)
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(REFUND_TIMEOUT_S):
             await reservation.refund()
         raise
-    return PaidGeneration(generation, reservation)
+    if has_request_context():  # the access line of this request reports the tokens generated
+        note_generation(request.scope, generation.metrics)
+    return PaidGeneration(generation, reservation, name)
 
 
 def sse_event(data: Any, event: str | None = None) -> bytes:

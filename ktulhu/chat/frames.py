@@ -65,6 +65,9 @@ class PromptFrame:
     text: str
     language: str | None = None
     attachments: tuple[Attachment, ...] = ()
+    #: The model the client names (the web client wraps `"model": "mistral-7b-lora"` in `text`); a
+    #: configured KTULHU_MODELS name picks it, anything else is the default model.
+    model: str | None = None
 
     def stored_attachments(self) -> list[MessageAttachment]:
         return [a.stored() for a in self.attachments]
@@ -121,8 +124,12 @@ def parse_frame(raw: str | bytes, settings: Settings) -> Frame:
             text = ""
         if not isinstance(text, str):
             raise FrameError("invalid_frame", "`text` must be a string")
+        model = fields.get("model")
         if kind == "web_prompt":
+            model = model or _wrapped_model(text)
             text = unwrap_web_text(text)
+        if not isinstance(model, str) or len(model) > MAX_SHORT_TEXT:
+            model = None  # a name no model has: the default model answers
         if len(text) > settings.max_prompt_chars:
             raise FrameError("too_large", f"the message is longer than {settings.max_prompt_chars} characters")
         language = fields.get("language")
@@ -134,7 +141,8 @@ def parse_frame(raw: str | bytes, settings: Settings) -> Frame:
     except FrameError as exc:
         exc.request_id, exc.chat_id, exc.prompt = request_id, chat_id, True
         raise
-    return PromptFrame(request_id, chat_id, session_id, device_hash, text, language or None, attachments)
+    return PromptFrame(request_id, chat_id, session_id, device_hash, text, language or None, attachments,
+                       model or None)
 
 
 def _kind(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -169,6 +177,19 @@ def unwrap_web_text(text: str) -> str:
     if isinstance(inner, dict) and isinstance(inner.get("text"), str):
         return inner["text"]
     return text
+
+
+def _wrapped_model(text: str) -> str | None:
+    """The `model` the web client puts in its wrapped text, if any."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        inner = orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        return None
+    model = inner.get("model") if isinstance(inner, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _id(fields: dict[str, Any], name: str, *, allow_empty: bool) -> str:

@@ -22,6 +22,7 @@ import trio
 from .. import metrics
 from ..auth import quota
 from ..auth.principal import Principal
+from ..engine.pool import ModelBudgetFull, ModelUnavailable
 from ..engine.prompt import ChatMessage, ContextTooLong, PromptError, render_content
 from ..engine.request import Busy, EngineClosed, EngineError, Generation
 from ..engine.sampling import SamplingParams
@@ -284,8 +285,16 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
     messages = [ChatMessage("system", system_prompt(result, frame.language)),
                 *history_turns(history), ChatMessage("user", newest)]
     params = SamplingParams.defaults(settings)
+    lease = None
     try:
+        if runtime.models is not None:  # a configured name picks its model; any other is the default
+            lease = await runtime.models.acquire(frame.model, strict=False)
+            engine = lease.engine
         reply.generation = await engine.chat(messages, params, chat_id=chat.id, left_on=_left_on(history))
+    except ModelBudgetFull as full:
+        raise Refused("server_busy", str(full)) from None
+    except ModelUnavailable as failed:
+        raise Refused("model_error", str(failed)) from None
     except Busy as busy:
         raise Refused("server_busy", str(busy)) from None
     except ContextTooLong as too_long:
@@ -296,6 +305,11 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
         raise Refused("shutting_down", str(closed)) from None
     except EngineError as failed:  # remote mode: no inference worker could take the prompt
         raise Refused("model_error", str(failed)) from None
+    finally:
+        if lease is not None and reply.generation is None:
+            lease.release()
+    if lease is not None:
+        lease.follow(reply.generation)  # the model stays loaded until the reply ends
     with reply.generation as generation:
         # The user turn is stored once the engine has taken the prompt: a refused one (busy, too
         # long) leaves no orphan turn that a retry would repeat and the model would read.

@@ -127,6 +127,8 @@ class Generation:
     _event: trio.Event = attrs.field(factory=trio.Event)
     #: Set by `cancel()`: whoever produces the text (a remote stream) awaits it instead of polling.
     _cancel_event: trio.Event = attrs.field(factory=trio.Event)
+    #: Called once, on the trio thread, when the generation ends (`when_finished`).
+    _on_finish: list[Callable[[], None]] = attrs.field(factory=list)
 
     @classmethod
     def create(cls, tokens: Sequence[int], params: SamplingParams, chat_id: str | None) -> "Generation":
@@ -143,6 +145,20 @@ class Generation:
                 self._cancel_event.set()
             except RuntimeError:  # called outside the trio thread (a finalizer): the flag still counts
                 pass
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the generation has ended (at once if it has): the model pool counts
+        a model's running generations with it."""
+        if self.finished is not None:
+            callback()
+        else:
+            self._on_finish.append(callback)
+
+    def _ended(self, finished: Finished) -> None:
+        _notify_finished(finished)
+        callbacks, self._on_finish = self._on_finish, []
+        for callback in callbacks:
+            callback()
 
     async def wait_cancelled(self) -> None:
         """Return once `cancel()` was called (at once if it already was)."""
@@ -198,12 +214,12 @@ class Generation:
             first = self.finished is None
             self.finished = finished
             if first:
-                _notify_finished(finished)
+                self._ended(finished)
         self._event.set()
 
     def fail(self, error: EngineError) -> None:
         if self.finished is None:
             self.error = error
             self.finished = Finished("error", self.metrics)
-            _notify_finished(self.finished)
+            self._ended(self.finished)
         self._event.set()

@@ -76,18 +76,10 @@ def parse_completion(body: dict[str, Any], settings: Settings, *, max_chars: int
         openai._check_type(name, value, _FIELDS[name])
     _refuse_unsupported(body)
     prompt = _prompt(body["prompt"], max_chars, n_vocab)
-    options = body.get("stream_options") or {}
-    for key, value in options.items():
-        if key not in ("include_usage", "include_obfuscation"):
-            raise Problem(400, "unknown_parameter", f"unknown parameter `stream_options.{openai._shown(key)}`",
-                          param=f"stream_options.{openai._shown(key)}")
-        if value is not None and not isinstance(value, bool):
-            raise Problem(400, "invalid_type", f"`stream_options.{key}` must be true or false",
-                          param=f"stream_options.{key}")
+    usage = openai.include_usage(body)
     # A raw prompt is the caller's own text: a thinking block in the reply is not hidden from it.
     params = attrs.evolve(openai._params(body, settings, n_vocab), include_thinking=True)
-    return CompletionRequest(prompt, params, stream=body.get("stream") is True,
-                             include_usage=options.get("include_usage") is True)
+    return CompletionRequest(prompt, params, stream=body.get("stream") is True, include_usage=usage)
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -126,12 +118,7 @@ def _prompt(value: str | list[Any], max_chars: int, n_vocab: int | None) -> str 
                       "prompt per request", param="prompt")
     if len(value) > max_chars:
         raise Problem(413, "context_too_long", f"the prompt holds more than {max_chars} tokens", param="prompt")
-    limit = n_vocab if n_vocab is not None else 2**31
-    for i, token in enumerate(value):
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < limit:
-            raise Problem(400, "invalid_value", f"prompt[{i}] must be a token id from 0 to {limit - 1}, got "
-                          f"{str(token)[:40]}", param=f"prompt[{i}]")
-    return tuple(value)
+    return openai.token_ids(value, "prompt", n_vocab)
 
 
 def _cache_key(user_id: str, prompt: str | tuple[int, ...]) -> str:
@@ -148,9 +135,9 @@ async def completions() -> Response:
     request = parse_completion(body, runtime.settings, max_chars=runtime.settings.max_prompt_chars * 4,
                                n_vocab=openai._vocab_size(runtime))
     paid = await begin(runtime, caller.user, (), request.params, prompt=request.prompt,
-                       chat_id=_cache_key(caller.user.id, request.prompt))
+                       chat_id=_cache_key(caller.user.id, request.prompt), model=body.get("model"))
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": openai.model_name()}
+            "model": paid.model or openai.model_name()}
     if request.stream:
         return sse_response(_stream(paid, meta, request.include_usage), paid)
     with paid:

@@ -48,6 +48,7 @@ _GENERATE_SPEC = {
     "temperature": ((float, None), False),
     "top_p": ((float, None), False),
     "seed": ((int, None), False),
+    "model": ((str, None), False),
 }
 
 
@@ -111,7 +112,7 @@ async def generate() -> Response:
     route, routed_prompt = await routed_system_prompt(runtime, prompt, language)
     system_text = custom or routed_prompt
     messages = [ChatMessage("system", system_text), ChatMessage("user", prompt)]
-    paid = await begin(runtime, caller.user, messages, params)
+    paid = await begin(runtime, caller.user, messages, params, model=body.get("model"))
     head = {
         "request_id": str(uuid.uuid4()),
         "user_id": caller.user.id,

@@ -2,8 +2,10 @@
 
 Same engine and quotas as the rest of the server; auth by app JWT or API key as the Bearer
 credential (the OpenAI SDKs' `api_key`). Errors use OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`. The `model` field is accepted and ignored: the
-server runs one model, named in every answer. Like llama-server, a non-standard `grammar` field
+`{"error": {"message", "type", "param", "code"}}`. The `model` field picks one of the models of
+KTULHU_MODELS (loaded on first use; the answer names the model that ran); the default model's name,
+no name, or, while KTULHU_MODELS is unset, any name is the default model (LLAMA_CLI_MODEL); with
+KTULHU_MODELS set an unknown name is a 404 `model_not_found`. In remote mode the field is ignored. Like llama-server, a non-standard `grammar` field
 (GBNF) constrains the reply, and `top_k`, `min_p`, `repeat_penalty` tune the sampling.
 
 No field is dropped unseen: each one the server knows is honoured (sampling, `logit_bias`,
@@ -29,6 +31,7 @@ from typing import Any
 
 import attrs
 import orjson
+import trio
 from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
 
@@ -247,6 +250,15 @@ def parse_request(body: dict[str, Any], settings: Settings, *, max_chars: int,
     messages = parse_messages(body["messages"], max_chars)
     if tools is not None:
         messages = tools.apply(messages)
+    params = _params(body, settings, n_vocab)
+    if tools is not None:
+        params = attrs.evolve(params, grammar=tools.grammar, response_format=tools.response_format)
+    return ChatRequest(messages, params, stream=body.get("stream") is True,
+                       include_usage=include_usage(body), tools=tools)
+
+
+def include_usage(body: dict[str, Any]) -> bool:
+    """`stream_options.include_usage`, its other keys checked; raises `Problem` naming a bad one."""
     options = body.get("stream_options") or {}
     for key, value in options.items():
         if key not in ("include_usage", "include_obfuscation"):
@@ -255,11 +267,17 @@ def parse_request(body: dict[str, Any], settings: Settings, *, max_chars: int,
         if value is not None and not isinstance(value, bool):
             raise Problem(400, "invalid_type", f"`stream_options.{key}` must be true or false",
                           param=f"stream_options.{key}")
-    params = _params(body, settings, n_vocab)
-    if tools is not None:
-        params = attrs.evolve(params, grammar=tools.grammar, response_format=tools.response_format)
-    return ChatRequest(messages, params, stream=body.get("stream") is True,
-                       include_usage=options.get("include_usage") is True, tools=tools)
+    return options.get("include_usage") is True
+
+
+def token_ids(values: list[Any], param: str, n_vocab: int | None) -> tuple[int, ...]:
+    """`values` as token ids, each from 0 to `n_vocab - 1` (when known); raises `Problem` naming `param[i]`."""
+    limit = n_vocab if n_vocab is not None else 2**31
+    for i, token in enumerate(values):
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < limit:
+            raise Problem(400, "invalid_value", f"{param}[{i}] must be a token id from 0 to {limit - 1}, got "
+                          f"{str(token)[:40]}", param=f"{param}[{i}]")
+    return tuple(values)
 
 
 def _shown(name: str) -> str:
@@ -436,16 +454,46 @@ def model_name() -> str:
 @blueprint.get("/models")
 async def models() -> Response:
     await authenticate()
+    pool = current_runtime().models
+    if pool is not None:
+        return json_response({"object": "list", "data": [await _pool_card(entry) for entry in pool.describe()]})
     return json_response({"object": "list", "data": [await _model_card()]})
 
 
 @blueprint.get("/models/<path:model_id>")
 async def model(model_id: str) -> Response:
     await authenticate()
+    pool = current_runtime().models
+    if pool is not None:
+        entry = next((e for e in pool.describe() if e["name"] == model_id), None)
+        if entry is None:
+            raise Problem(404, "model_not_found", f"the model `{model_id}` does not exist; this server serves "
+                          + ", ".join(f"`{name}`" for name in pool.names), param="model")
+        return json_response(await _pool_card(entry))
     if model_id != model_name():
         raise Problem(404, "model_not_found", f"the model `{model_id}` does not exist; this server runs "
                       f"`{model_name()}`", param="model")
     return json_response(await _model_card())
+
+
+async def _pool_card(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model of the pool: as `_model_card` while loaded; unloaded, its configured context per
+    slot (the loaded one may be less: never more than the GGUF was trained for)."""
+    settings = entry["settings"]
+    path = settings.model_file
+    try:
+        created = int((await trio.to_thread.run_sync(path.stat)).st_mtime)
+    except OSError:
+        created = 0
+    engine = entry["engine"]
+    size: dict[str, Any] = {"max_model_len": settings.ctx}
+    if engine is not None:
+        info = engine.model.info
+        size = {"max_model_len": engine.n_ctx_seq,
+                "meta": {"n_ctx": engine.n_ctx_seq, "n_ctx_train": info.n_ctx_train, "n_vocab": info.n_vocab,
+                         "n_params": info.n_params, "size": info.size_bytes}}
+    return {"id": entry["name"], "object": "model", "created": created, "owned_by": "ktulhu", **size,
+            "loaded": entry["loaded"]}
 
 
 async def _model_card() -> dict[str, Any]:
@@ -484,8 +532,8 @@ async def chat_completions() -> Response:
     chat = parse_request(body, runtime.settings, max_chars=runtime.settings.max_prompt_chars * 4,
                          n_vocab=_vocab_size(runtime))
     paid = await begin(runtime, caller.user, chat.messages, chat.params,
-                       chat_id=_cache_key(caller.user.id, chat.messages))
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name()}
+                       chat_id=_cache_key(caller.user.id, chat.messages), model=body.get("model"))
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": paid.model or model_name()}
     if chat.stream:
         return sse_response(_stream(paid, meta, chat.include_usage, chat.tools), paid)
     with paid:

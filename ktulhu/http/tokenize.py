@@ -63,12 +63,7 @@ def parse_detokenize(body: dict[str, Any], *, max_tokens: int, n_vocab: int | No
     tokens = body["tokens"]
     if len(tokens) > max_tokens:
         raise Problem(413, "content_too_long", f"tokens holds more than {max_tokens} ids", param="tokens")
-    limit = n_vocab if n_vocab is not None else 2**31
-    for i, token in enumerate(tokens):
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < limit:
-            raise Problem(400, "invalid_value", f"tokens[{i}] must be a token id from 0 to {limit - 1}, got "
-                          f"{str(token)[:40]}", param=f"tokens[{i}]")
-    return tokens
+    return list(openai.token_ids(tokens, "tokens", n_vocab))
 
 
 def _engine(runtime: Runtime) -> Any:

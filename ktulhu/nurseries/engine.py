@@ -1,5 +1,6 @@
 """Engine service: the model is proven on this machine (a child process decodes a batch), loaded
-once (off the trio thread), then the batching engine runs.
+once (off the trio thread), then the batching engine runs, and the model pool (`runtime.models`)
+that loads the other models of KTULHU_MODELS on first use.
 
 The engine's decode threads stop before the model is freed; the model is freed when the tree stops.
 
@@ -15,8 +16,10 @@ from typing import Any
 import attrs
 import trio
 
+from ..engine import embeddings
 from ..engine.engine import Engine
 from ..engine.model import Model
+from ..engine.pool import ModelPool
 from ..engine.remote import RemoteEngine
 from ..preflight import check_model
 from .runtime import Runtime
@@ -37,6 +40,7 @@ async def _run_remote(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str
         async with trio.open_nursery() as nursery:
             detail = await nursery.start(engine.run)
             runtime.engine = engine
+            runtime.embedder = embeddings.RemoteEmbedder(engine)
             task_status.started(detail)
             while True:  # the readiness entry follows the fleet (checked at least once per health interval)
                 with trio.move_on_after(runtime.settings.worker_health_interval):
@@ -49,6 +53,7 @@ async def _run_remote(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str
                         runtime.readiness.mark("model", status, **detail)
     finally:
         runtime.engine = None
+        runtime.embedder = None
 
 
 async def _run_local(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
@@ -59,13 +64,20 @@ async def _run_local(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str,
     try:
         runtime.model = model
         engine = Engine(model, settings)
-        async with trio.open_nursery() as nursery:
+        # /v1/embeddings' context (created on first use) is freed after the engine stops, before the model.
+        async with embeddings.serving(engine, settings) as embedder, trio.open_nursery() as nursery:
             engine_info = await nursery.start(engine.run)
+            # KTULHU_MODELS: the other models load on first use in the pool's nursery; they stop
+            # with this one (before the default model is freed).
+            runtime.models = await nursery.start(ModelPool.serve, settings, engine)
             runtime.engine = engine
+            runtime.embedder = embedder
             task_status.started({**attrs.asdict(model.info), **engine_info,
                                  "layers_on_gpu": f"{proof.detail['layers_on_gpu']}/{proof.detail['layers_total']}"})
     finally:
         runtime.engine = None
+        runtime.embedder = None
+        runtime.models = None
         runtime.model = None
         model.close()
 

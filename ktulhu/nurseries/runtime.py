@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from ..engine.engine import Engine
     from ..engine.remote import RemoteEngine
     from ..engine.model import Model
+    from ..engine.embeddings import LocalEmbedder, RemoteEmbedder
+    from ..engine.pool import ModelPool
     from ..router.service import Router
     from ..store import Store
 
@@ -45,6 +47,11 @@ class Runtime:
     model: Model | None = None
     #: The local batching engine, or in remote mode (`KTULHU_ENGINE=remote`) the client of the workers.
     engine: Engine | RemoteEngine | None = None
+    #: The local models by name (the default is `engine`; KTULHU_MODELS' load on first use); None in
+    #: remote mode and while no engine runs.
+    models: ModelPool | None = None
+    #: What computes `/v1/embeddings` (a context beside the local model, or the workers); None while none runs.
+    embedder: LocalEmbedder | RemoteEmbedder | None = None
     router: Router | None = None
     summaries: SummaryWorker | None = None
     #: New chat titles, for `/chat-summary/ws` and `/ws` sessions.

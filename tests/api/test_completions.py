@@ -21,14 +21,13 @@ import pytest
 import trio
 from hypothesis import given, settings as hsettings, strategies as st
 
-from ktulhu import native_build
 from ktulhu.api.problems import Problem
 from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.http.completions import CompletionRequest, parse_completion
-from ktulhu.local_cluster import llama_server
-from ktulhu.settings import default_model_path, load_settings
+from ktulhu.settings import load_settings
 
+from api.helpers import openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 pytestmark = pytest.mark.model
@@ -37,9 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
-
-def _sdk(server, credential: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=credential, max_retries=0, timeout=60)
 
 
 async def _complete(sdk: openai.AsyncOpenAI, prompt: Any = PROMPT, **fields: Any):
@@ -63,7 +59,7 @@ async def test_completions_official_client(live_server) -> None:
         runtime = server.runtime
         name = runtime.settings.model_file.stem
         _, token = make_user(runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
 
         completion = await _complete(sdk)
         assert completion.object == "text_completion" and completion.model == name
@@ -104,7 +100,7 @@ async def test_refused_fields_are_400s_naming_them(live_server) -> None:
         runtime = server.runtime
         _, token = make_user(runtime)
         before = snapshot(runtime)
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         cases: list[tuple[dict[str, Any], str]] = [
             ({"suffix": "the end"}, "suffix"), ({"logprobs": 1}, "logprobs"), ({"best_of": 2}, "best_of"),
             ({"n": 2}, "n"), ({"echo": True}, "echo"), ({"prompt": ["one", "two"]}, "prompt"),
@@ -153,7 +149,7 @@ async def test_health_and_models_context_size(live_server) -> None:
             assert card["max_model_len"] == engine.n_ctx_seq == card["meta"]["n_ctx"]
             assert card["meta"]["n_ctx_train"] == engine.model.info.n_ctx_train
             assert card["meta"]["n_vocab"] == engine.model.info.n_vocab
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         listed = (await sdk.models.list()).data[0]
         assert listed.max_model_len == runtime.engine.n_ctx_seq  # the SDK keeps the extra fields
         assert (await sdk.models.retrieve(listed.id)).max_model_len == listed.max_model_len
@@ -163,17 +159,6 @@ async def test_health_and_models_context_size(live_server) -> None:
 # --- remote mode ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_worker(tmp_path_factory: pytest.TempPathFactory):
-    binary = native_build.llama_server((native_build.read_marker() or {}).get("gpu", "cpu"))
-    worker = llama_server(binary, REPO / default_model_path(), "completions-worker",
-                          tmp_path_factory.mktemp("llama-server") / "worker.log", slots=1, ctx=1024, threads=1)
-    worker.start()
-    try:
-        worker.wait_ready()
-        yield worker
-    finally:
-        worker.stop()
 
 
 async def test_remote_mode_completions_and_tokenizer(live_server, llama_worker) -> None:
@@ -181,7 +166,7 @@ async def test_remote_mode_completions_and_tokenizer(live_server, llama_worker) 
     async with live_server(**env) as server, httpx.AsyncClient(base_url=llama_worker.url, timeout=30) as worker:
         assert server.runtime.engine.__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         completion = await _complete(sdk)
         text = completion.choices[0].text
         assert text and completion.choices[0].finish_reason == "length"

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from ktulhu.api.problems import Problem
 from ktulhu.http.openai import parse_messages, parse_stop
 
+from api.helpers import openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 pytestmark = pytest.mark.model
@@ -25,9 +26,6 @@ ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0", "KTULHU_FREE_GENE
 LONG_GRAMMAR = 'root ::= [a-z]{300}'
 
 
-def _sdk(server, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
 
 async def test_official_client(live_server) -> None:
     async with live_server(**ENV) as server:
@@ -35,7 +33,7 @@ async def test_official_client(live_server) -> None:
         user, token = make_user(runtime, role="paid")
         async with client(server) as http:
             key = (await http.post("/external/api/keys", headers=bearer(token), json={"name": "sdk"})).json()["key"]
-        sdk = _sdk(server, key)
+        sdk = openai_client(server, key)
         models = await sdk.models.list()
         name = runtime.settings.model_file.stem
         assert [m.id for m in models.data] == [name]
@@ -76,7 +74,7 @@ async def test_official_client(live_server) -> None:
 
         # errors arrive as the SDK's typed exceptions
         with pytest.raises(openai.AuthenticationError):
-            await _sdk(server, "ktk_" + "0" * 32 + "_" + "A" * 43).models.list()
+            await openai_client(server, "ktk_" + "0" * 32 + "_" + "A" * 43).models.list()
         with pytest.raises(openai.BadRequestError) as bad:
             await sdk.chat.completions.create(model=name, messages=[{"role": "wizard", "content": "x"}])
         assert bad.value.body["param"] == "messages[0].role"

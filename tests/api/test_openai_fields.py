@@ -23,15 +23,14 @@ import pytest
 import trio
 from hypothesis import given, settings as hsettings, strategies as st
 
-from ktulhu import native_build
 from ktulhu.api.problems import Problem
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.http.openai import ChatRequest, parse_request
-from ktulhu.local_cluster import llama_server
-from ktulhu.settings import default_model_path, load_settings
+from ktulhu.settings import load_settings
 
+from api.helpers import openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 pytestmark = pytest.mark.model
@@ -49,9 +48,6 @@ CAT_FORMAT = {"type": "json_schema", "json_schema": {"name": "cat", "strict": Tr
 #: Forces 300 letters: the reply is still running when the test stops it.
 LONG_GRAMMAR = "root ::= [a-z]{300}"
 
-
-def _sdk(server, credential: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=credential, max_retries=0, timeout=60)
 
 
 async def _ask(sdk: openai.AsyncOpenAI, messages: list[dict] = QUESTION, **fields: Any):
@@ -78,7 +74,7 @@ async def test_sampling_fields_reach_the_samplers(live_server) -> None:
     async with live_server(**ENV) as server:
         model = server.runtime.engine.model
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
 
         base = await _ask(sdk)
         text = _text(base)
@@ -116,7 +112,7 @@ async def test_sampling_fields_reach_the_samplers(live_server) -> None:
         assert 0 < cached < again.usage.prompt_tokens
         # another caller's identical prompt is reused too, but not reported (it would tell what it was)
         _, other = make_user(server.runtime, role="paid")
-        theirs = await _ask(_sdk(server, other))
+        theirs = await _ask(openai_client(server, other))
         assert _text(theirs) == text and theirs.usage.prompt_tokens_details.cached_tokens == 0
 
         # streaming: exactly one finish reason, the true one, and the usage with its details
@@ -131,7 +127,7 @@ async def test_sampling_fields_reach_the_samplers(live_server) -> None:
 async def test_response_format(live_server) -> None:
     async with live_server(**ENV) as server:
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         plain = await _ask(sdk)
         assert _text(await _ask(sdk, response_format={"type": "text"})) == _text(plain)
 
@@ -220,7 +216,7 @@ async def test_invalid_and_unsupported_fields_are_400s_naming_them(live_server) 
         assert snapshot(runtime) == before  # nothing was generated, nothing paid
 
         # the official client's typed errors carry the same
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         with pytest.raises(openai.BadRequestError) as bad:
             await _ask(sdk, tools=[{"type": "function", "function": {"name": "lookup", "parameters": {}}}],
                        tool_choice={"type": "function", "function": {"name": "other"}})
@@ -252,7 +248,7 @@ async def test_default_client_call(live_server) -> None:
     """What most programs send: the client's defaults only, streamed and not."""
     async with live_server(**ENV) as server:
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         reply = await sdk.chat.completions.create(model="gpt-4o-mini", messages=QUESTION)
         assert _text(reply) and reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.prompt_tokens_details is not None
@@ -283,7 +279,7 @@ async def test_a_generation_stopped_by_the_server_is_an_error_not_stop(live_serv
     async with live_server(**ENV) as server:
         runtime = server.runtime
         user, token = make_user(runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         long = {"max_tokens": 400, "extra_body": {"grammar": LONG_GRAMMAR}}
 
         # streamed: content, then an `error` event (the client raises it), and no finish reason
@@ -335,17 +331,6 @@ def test_remote_request_body_carries_the_fields() -> None:
     assert body["grammar"] == 'root ::= "a"' and "response_format" not in body and "logit_bias" not in body
 
 
-@pytest.fixture(scope="module")
-def llama_worker(tmp_path_factory: pytest.TempPathFactory):
-    binary = native_build.llama_server((native_build.read_marker() or {}).get("gpu", "cpu"))
-    worker = llama_server(binary, REPO / default_model_path(), "fields-worker",
-                          tmp_path_factory.mktemp("llama-server") / "worker.log", slots=1, ctx=1024, threads=1)
-    worker.start()
-    try:
-        worker.wait_ready()
-        yield worker
-    finally:
-        worker.stop()
 
 
 async def test_remote_mode_passes_the_fields_on(live_server, llama_worker) -> None:
@@ -353,7 +338,7 @@ async def test_remote_mode_passes_the_fields_on(live_server, llama_worker) -> No
     async with live_server(**env) as server, httpx.AsyncClient(base_url=llama_worker.url, timeout=30) as worker:
         assert server.runtime.engine.__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         text = _text(await _ask(sdk))
         first = (await worker.post("/tokenize", json={"content": text})).json()["tokens"][0]
         banned = _text(await _ask(sdk, logit_bias={str(first): -100}))

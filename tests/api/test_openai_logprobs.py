@@ -21,14 +21,13 @@ import orjson
 import pytest
 import trio
 
-from ktulhu import native_build
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.request import EngineError, Finished, Generation, RequestMetrics, TokenLogprob
 from ktulhu.engine.sampling import SamplingParams, token_logprobs
-from ktulhu.local_cluster import llama_server
-from ktulhu.settings import default_model_path, load_settings
+from ktulhu.settings import load_settings
 
+from api.helpers import openai_client
 from auth.helpers import bearer, client, make_user
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,9 +35,6 @@ ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 6
 
-
-def _sdk(server, credential: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=credential, max_retries=0, timeout=60)
 
 
 async def _ask(sdk: openai.AsyncOpenAI, **fields: Any):
@@ -72,7 +68,7 @@ def _check_entries(content, text: str, top: int) -> None:
 async def test_logprobs_of_every_token(live_server) -> None:
     async with live_server(**ENV) as server:
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
 
         full = await _ask(sdk, logprobs=True, top_logprobs=20)
         text = full.choices[0].message.content
@@ -138,7 +134,7 @@ async def test_logprobs_of_every_token(live_server) -> None:
 async def test_invalid_logprobs_fields_are_400s_naming_them(live_server) -> None:
     async with live_server(**ENV) as server:
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         for fields in ({"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1},
                        {"top_logprobs": 2}, {"logprobs": False, "top_logprobs": 0}):
             with pytest.raises(openai.BadRequestError) as bad:
@@ -154,17 +150,6 @@ async def test_invalid_logprobs_fields_are_400s_naming_them(live_server) -> None
 # --- remote mode ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_worker(tmp_path_factory: pytest.TempPathFactory):
-    binary = native_build.llama_server((native_build.read_marker() or {}).get("gpu", "cpu"))
-    worker = llama_server(binary, REPO / default_model_path(), "logprobs-worker",
-                          tmp_path_factory.mktemp("llama-server") / "worker.log", slots=1, ctx=1024, threads=1)
-    worker.start()
-    try:
-        worker.wait_ready()
-        yield worker
-    finally:
-        worker.stop()
 
 
 @pytest.mark.model
@@ -173,7 +158,7 @@ async def test_remote_mode_relays_the_workers_logprobs(live_server, llama_worker
     async with live_server(**env) as server:
         assert server.runtime.engine.__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         for top in (0, 5):
             reply = await _ask(sdk, logprobs=True, top_logprobs=top)
             text = reply.choices[0].message.content

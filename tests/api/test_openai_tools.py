@@ -20,15 +20,14 @@ import orjson
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from ktulhu import native_build
 from ktulhu.api.problems import Problem
 from ktulhu.api.tool_calls import ToolPlan, parse_tools
 from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.sampling import check_grammar
 from ktulhu.http.openai import parse_request
-from ktulhu.local_cluster import llama_server
-from ktulhu.settings import default_model_path, load_settings
+from ktulhu.settings import load_settings
 
+from api.helpers import openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,9 +44,6 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 #: Room for the call's JSON, whatever tokens the model spells it with.
 CALL_TOKENS = 160
 
-
-def _sdk(server, credential: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=credential, max_retries=0, timeout=120)
 
 
 async def _ask(sdk: openai.AsyncOpenAI, messages: list[dict] = QUESTION, **fields: Any):
@@ -72,7 +68,7 @@ def _assert_weather_call(call) -> dict[str, Any]:
 async def test_a_call_and_its_result_round_trip(live_server) -> None:
     async with live_server(**ENV) as server:
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         for choice in ("required", NAMED):
             called = await _ask(sdk, tools=[WEATHER, CLOCK] if choice == NAMED else [WEATHER], tool_choice=choice)
             choice0 = called.choices[0]
@@ -106,7 +102,7 @@ async def test_a_call_and_its_result_round_trip(live_server) -> None:
 async def test_a_streamed_call_adds_up_to_the_same_call(live_server) -> None:
     async with live_server(**ENV) as server:
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         whole = (await _ask(sdk, tools=[WEATHER], tool_choice=NAMED)).choices[0].message.tool_calls[0]
 
         stream = await _ask(sdk, tools=[WEATHER], tool_choice=NAMED, stream=True,
@@ -139,7 +135,7 @@ async def test_a_streamed_call_adds_up_to_the_same_call(live_server) -> None:
 async def test_tool_choice_none_is_a_plain_reply(live_server) -> None:
     async with live_server(**ENV) as server:
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         plain = await _ask(sdk, max_tokens=12)
         none = await _ask(sdk, tools=[WEATHER], tool_choice="none", max_tokens=12)
         assert none.choices[0].message.content == plain.choices[0].message.content  # nothing rendered, no grammar
@@ -194,24 +190,13 @@ async def test_bad_tools_are_400s_naming_the_field(live_server) -> None:
                 error = r.json()["error"]
                 assert error["param"] == param and error["type"] == "invalid_request_error", (param, error)
         assert snapshot(runtime) == before  # nothing generated, nothing paid
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         with pytest.raises(openai.BadRequestError) as bad:
             await _ask(sdk, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}})
         assert bad.value.param == "tool_choice.function.name"
         await sdk.close()
 
 
-@pytest.fixture(scope="module")
-def llama_worker(tmp_path_factory: pytest.TempPathFactory):
-    binary = native_build.llama_server((native_build.read_marker() or {}).get("gpu", "cpu"))
-    worker = llama_server(binary, REPO / default_model_path(), "tools-worker",
-                          tmp_path_factory.mktemp("llama-server") / "worker.log", slots=1, ctx=1024, threads=1)
-    worker.start()
-    try:
-        worker.wait_ready()
-        yield worker
-    finally:
-        worker.stop()
 
 
 @pytest.mark.model
@@ -221,7 +206,7 @@ async def test_remote_mode_calls_tools_the_same_way(live_server, llama_worker) -
     async with live_server(**env) as server:
         assert server.runtime.engine.__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
-        sdk = _sdk(server, token)
+        sdk = openai_client(server, token)
         called = await _ask(sdk, tools=[WEATHER, CLOCK], tool_choice=NAMED)
         assert called.choices[0].finish_reason == "tool_calls"
         call = called.choices[0].message.tool_calls[0]

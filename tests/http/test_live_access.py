@@ -75,7 +75,8 @@ async def test_sdk_stream_and_ws_prompt(live_server, access_lines) -> None:
             allowed = {h.strip() for h in preflight.headers["access-control-allow-headers"].split(",")}
             assert {*SDK_HEADERS, "authorization", "content-type"} <= allowed
 
-            body = {"model": "any", "stream": True, "messages": [{"role": "user", "content": SECRET_TEXT}]}
+            body = {"model": "any", "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": SECRET_TEXT}]}
             headers = {"Origin": ORIGIN, "Authorization": f"Bearer {token}", "X-Request-ID": "sdk-req-1", **SDK_HEADERS}
             async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
                 assert response.status_code == 200
@@ -85,6 +86,9 @@ async def test_sdk_stream_and_ws_prompt(live_server, access_lines) -> None:
             assert streamed.endswith(b"data: [DONE]\n\n")
         line = await access_lines.wait_for(lambda r: r.request_id == "sdk-req-1")
         assert (line.method, line.route, line.status, line.complete) == ("POST", "/v1/chat/completions", 200, True)
+        usage = json.loads(streamed.split(b"data: ")[-2])["usage"]  # the chunk before [DONE]
+        assert (line.prompt_tokens, line.tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+        assert line.tokens >= 1
 
         async with ws_client(server.ws_url + "/ws") as ws:
             await ws.register()
