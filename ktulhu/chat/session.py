@@ -66,15 +66,24 @@ class _Running:
     reason: str = "cancelled"
 
 
+@attrs.frozen(eq=False)
+class _Flushed:
+    """Put in the outbox: the writer sets `event` once every frame queued before it was written."""
+
+    event: trio.Event = attrs.field(factory=trio.Event)
+
+
 class ChatSession:
     def __init__(self, runtime: Runtime, socket: Socket, principal: Principal, client: str,
                  credential: str | None = None) -> None:
         self.runtime = runtime
         self.socket = socket
         self.ctx = PromptContext(runtime, principal, client, self._send, credential=credential)
-        self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](runtime.settings.ws_queue)
+        self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any] | _Flushed](runtime.settings.ws_queue)
         self._prompts: dict[str, _Running] = {}
         self._closing = False
+        #: Set when the last prompt ends after shutdown began (no new prompt starts then).
+        self._drained = trio.Event()
         self.access = PromptAccessLog(client)  # one access line per prompt
 
     @property
@@ -103,6 +112,9 @@ class ChatSession:
         timeout = self.runtime.settings.ws_send_timeout
         async with self._outbox:
             async for frame in self._outbox:
+                if isinstance(frame, _Flushed):
+                    frame.event.set()
+                    continue
                 with trio.move_on_after(timeout) as waited:
                     await self.socket.send(orjson.dumps(frame).decode())
                 if waited.cancelled_caught:
@@ -122,10 +134,11 @@ class ChatSession:
             running.reason = "shutting_down"
             running.scope.cancel()
         with trio.move_on_after(self.runtime.settings.graceful_timeout):
-            while self._prompts:
-                await trio.sleep(0.01)
-            while self._outbox_send.statistics().current_buffer_used:
-                await trio.sleep(0.01)
+            if self._prompts:
+                await self._drained.wait()
+            flushed = _Flushed()  # behind every `done` the prompts queued
+            await self._outbox_send.send(flushed)
+            await flushed.event.wait()
         with trio.move_on_after(CLOSE_TIMEOUT_S):
             await self.socket.close(1001, "server shutting down")
         session.cancel()
@@ -218,6 +231,8 @@ class ChatSession:
                 await run_prompt(self.ctx, frame, ticket, running.scope, lambda: running.reason)
             finally:
                 del self._prompts[rid]
+                if self._closing and not self._prompts:
+                    self._drained.set()
                 self.runtime.turns.leave(ticket)  # also when the task never ran
 
         prompts.start_soon(run)
