@@ -20,12 +20,12 @@ import trio
 from quart import Response, has_request_context, request
 
 from ..auth.quota import QuotaExceeded, Reservation, UserGone, reserve
-from ..engine.pool import ModelBudgetFull, ModelUnavailable, UnknownModel
-from ..engine.prompt import ChatMessage, ContextTooLong, PromptError
-from ..engine.request import Busy, EngineClosed, EngineError, Generation, GrammarDeadEnd
+from ..engine.prompt import ChatMessage
+from ..engine.request import EngineClosed, EngineError, Generation, GrammarDeadEnd
 from ..engine.sampling import SamplingParams
 from ..logs import note_generation
 from ..nurseries.runtime import Runtime
+from ..refusals import ENGINE_REFUSALS, http_problem
 from ..prompts import system_prompt
 from ..router.result import IntentRoutingResult
 from ..store.records import User
@@ -60,12 +60,8 @@ async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: Sam
         return await _submit_to(engine, messages, params, chat_id, prompt), runtime.settings.model_name
     try:
         lease = await pool.acquire(model)
-    except UnknownModel as exc:
-        raise Problem(404, "model_not_found", str(exc), param="model") from None
-    except ModelBudgetFull as exc:
-        raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "5"}) from None
-    except ModelUnavailable as exc:
-        raise Problem(503, "model_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+    except ENGINE_REFUSALS as refused:
+        raise http_problem(refused, "model") from None
     try:
         generation = await _submit_to(lease.engine, messages, params, chat_id, prompt)
     except BaseException:
@@ -82,16 +78,8 @@ async def _submit_to(engine: Any, messages: Sequence[ChatMessage], params: Sampl
         if prompt is not None:
             return await engine.complete(prompt, params, chat_id=chat_id)
         return await engine.chat(messages, params, chat_id=chat_id)
-    except Busy as exc:
-        raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "1"}) from None
-    except ContextTooLong as exc:
-        raise Problem(413, "context_too_long", str(exc), param=param) from None
-    except PromptError as exc:
-        raise Problem(400, "invalid_prompt", str(exc), param=param) from None
-    except EngineClosed as exc:
-        raise Problem(503, "engine_unavailable", str(exc), headers={"Retry-After": "5"}) from None
-    except EngineError as exc:  # remote mode: no inference worker could take the prompt
-        raise Problem(502, "generation_failed", str(exc) or "the generation failed") from None
+    except ENGINE_REFUSALS as refused:
+        raise http_problem(refused, param) from None
     except ValueError as exc:  # e.g. a grammar that this model's vocabulary cannot express
         raise Problem(400, "invalid_request", str(exc)) from None
 

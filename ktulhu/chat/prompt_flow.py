@@ -22,12 +22,12 @@ import trio
 from .. import metrics
 from ..auth import quota
 from ..auth.principal import Principal
-from ..engine.pool import ModelBudgetFull, ModelUnavailable
-from ..engine.prompt import ChatMessage, ContextTooLong, PromptError, render_content
-from ..engine.request import Busy, EngineClosed, EngineError, Generation
+from ..engine.prompt import ChatMessage, render_content
+from ..engine.request import EngineError, Generation
 from ..engine.sampling import SamplingParams
 from ..nurseries.runtime import Runtime
 from ..pg_wire import PgWireError
+from ..refusals import ENGINE_REFUSALS, ws_code
 from ..prompts import system_prompt
 from ..router.result import IntentRoutingResult, default_result
 from ..router.routing import normalise_language
@@ -291,20 +291,8 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
             lease = await runtime.models.acquire(frame.model, strict=False)
             engine = lease.engine
         reply.generation = await engine.chat(messages, params, chat_id=chat.id, left_on=_left_on(history))
-    except ModelBudgetFull as full:
-        raise Refused("server_busy", str(full)) from None
-    except ModelUnavailable as failed:
-        raise Refused("model_error", str(failed)) from None
-    except Busy as busy:
-        raise Refused("server_busy", str(busy)) from None
-    except ContextTooLong as too_long:
-        raise Refused("context_too_long", str(too_long)) from None
-    except PromptError as bad:
-        raise Refused("model_error", str(bad)) from None
-    except EngineClosed as closed:
-        raise Refused("shutting_down", str(closed)) from None
-    except EngineError as failed:  # remote mode: no inference worker could take the prompt
-        raise Refused("model_error", str(failed)) from None
+    except ENGINE_REFUSALS as refused:
+        raise Refused(ws_code(refused), str(refused)) from None
     finally:
         if lease is not None and reply.generation is None:
             lease.release()
@@ -332,10 +320,8 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
                     await store.aio.save_message(reply.assistant_message(
                         {"finish_reason": "interrupted", "incomplete": True}), existing_chat_only=True)
                     checkpoint_at = trio.current_time() + CHECKPOINT_S
-        except EngineClosed as closed:
-            raise Refused("shutting_down", str(closed)) from None
         except EngineError as failed:
-            raise Refused("model_error", str(failed)) from None
+            raise Refused(ws_code(failed), str(failed)) from None
     assert generation.finished is not None
     return generation.finished.reason
 
