@@ -9,7 +9,9 @@ inside llama.cpp), samples each sequence with its own sampler chain, and hands t
 `TrioToken.run_sync_soon`, which never blocks. A cancelled sequence is dropped at the start of the
 next step; a prefill step that contains it is interrupted (llama.cpp's abort callback) and redone
 without it. Finished sequences keep their KV cache: the next request whose prompt shares a prefix
-with a cached slot (a follow-up turn of the same chat) prefills only the new tokens.
+with a cached slot (a follow-up turn of the same chat) prefills only the new tokens, and a request
+that lands on another slot starts from a copy of the longest cached prefix (a system prompt shared
+across chats, a repeated API prompt) when that saves enough prefill.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ IDLE_WAIT_S = 0.1  # bounded sleep of an idle decode thread between checks for w
 # Smallest prefill chunk of a step: below ~64 tokens llama.cpp's CPU kernels cost about 30% more per
 # token (measured: 9.5 ms/token at 16, 7.2 ms/token at 64-512 with the default model on 2 cores).
 MIN_PREFILL_CHUNK = 64
+#: Prefill tokens a copy of another slot's KV must save to be worth a whole-stream copy.
+MIN_COPIED_TOKENS = 32
 LLAMA_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback stopped it
 EMA = 0.2  # weight of the newest measurement in the step-cost estimates
 #: Called on a decode thread after every step with (sequences in the batch, prompt tokens prefilled
@@ -160,6 +164,8 @@ class DecodeWorker:
         self._step_s = 0.0
         self._prompt_tokens = 0
         self._generated = 0
+        #: Admissions that started from another slot's copied prefix (`_copy_longer_prefix`).
+        self.prefix_copies = 0
 
     def _calibrate(self) -> None:
         """Measure a prefill chunk and a one-token step once, so the first real step is sized right."""
@@ -366,6 +372,7 @@ class DecodeWorker:
             self._call_trio(self._on_slot_free)
             return
         slot = self._choose_slot(prompt, gen.chat_id)
+        self._copy_longer_prefix(slot, prompt)
         reuse = _common_prefix(slot.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is decoded again for its logits
         if reuse < len(slot.cached):
@@ -405,6 +412,33 @@ class DecodeWorker:
         if empty:
             return empty[0]
         return min(free, key=lambda s: s.last_used)
+
+    def _copy_longer_prefix(self, slot: _Slot, prompt: list[int]) -> None:
+        """When another idle slot holds a longer prefix of `prompt` (a system prompt shared across
+        chats, a repeated API prompt, a regenerated reply) than `slot`, copy that KV into `slot`
+        rather than prefill it again; the other slot keeps its cache.
+
+        Each sequence has its own KV stream, which llama.cpp copies whole (at the next decode, before
+        that decode writes anything); the copy is then cut to the shared prefix. It costs about one
+        memcpy of a slot's KV, so it is done only when it saves `MIN_COPIED_TOKENS` of prefill."""
+        have = _common_prefix(slot.cached, prompt)
+        best, donor = have + MIN_COPIED_TOKENS - 1, None
+        for other in self.slots:
+            if other is not slot and other.gen is None and other.cached:
+                common = _common_prefix(other.cached, prompt)
+                if common > best:
+                    best, donor = common, other
+        if donor is None:
+            return
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.mem, donor.sid, slot.sid, -1, -1)
+        if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, best, -1):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
+            slot.cached = []
+            return
+        slot.cached = donor.cached[:best]
+        slot.chat_id = donor.chat_id  # whose prefix it now holds (what counts as a chat's own reuse)
+        self.prefix_copies += 1
 
     def _sampled(self, slot: _Slot, token: int | None, now: float) -> None:
         gen = slot.gen
