@@ -139,10 +139,12 @@ class HttpExchange:
 
 
 def note_generation(scope: Scope, metrics: Any) -> None:
-    """Have the request's access line report the prompt and generated tokens of `metrics` (read when it is written)."""
+    """Have the request's access line report the prompt and generated tokens of `metrics` (read when it is
+    written), and `metrics` count the request's overhead from its arrival."""
     exchange = exchange_of(scope)
     if exchange is not None:
         exchange.generation = metrics
+        metrics.arrived = exchange.started  # the request overhead metric starts here
 
 
 def exchange_of(scope: Scope) -> HttpExchange | None:

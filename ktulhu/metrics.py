@@ -82,6 +82,12 @@ QUEUE_TIME = Histogram(
     "ktulhu_request_queue_time_seconds", "Time from submission until the request got a slot.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+REQUEST_OVERHEAD = Histogram(
+    "ktulhu_request_overhead_seconds",
+    "Time from the request's arrival to its submission to the engine: parsing, authentication, quota, "
+    "routing, prompt rendering and tokenisation.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 E2E_LATENCY = Histogram(
     "ktulhu_e2e_request_latency_seconds", "Time from submission until the request finished.",
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 120, 300, 600),
@@ -124,6 +130,8 @@ def observe_finished(finished: Finished) -> None:
     GENERATIONS.labels(finished.reason).inc()
     REQUEST_SUCCESS.labels(FINISHED_REASONS.get(finished.reason, "error")).inc()
     ended = metrics.finished if metrics.finished is not None else time.perf_counter()
+    if metrics.arrived is not None:
+        REQUEST_OVERHEAD.observe(max(0.0, metrics.submitted - metrics.arrived))
     E2E_LATENCY.observe(max(0.0, ended - metrics.submitted))
     if metrics.admitted is not None:
         QUEUE_TIME.observe(max(0.0, metrics.admitted - metrics.submitted))

@@ -42,14 +42,14 @@ DOCUMENTED = (
     "ktulhu_request_queue_time_seconds_bucket", "ktulhu_engine_ttft_seconds_bucket",
     "ktulhu_e2e_request_latency_seconds_bucket", "ktulhu_engine_inter_token_seconds_bucket",
     "ktulhu_request_prompt_tokens_bucket", "ktulhu_request_generation_tokens_bucket", "ktulhu_batch_size_bucket",
-    "ktulhu_prefill_chunk_tokens_bucket",
+    "ktulhu_prefill_chunk_tokens_bucket", "ktulhu_request_overhead_seconds_bucket",
 )
 
 COUNTERS = ("ktulhu_prompt_tokens_total", "ktulhu_prefix_cache_queries_total", "ktulhu_prefix_cache_hits_total",
             "ktulhu_decode_steps_total", "ktulhu_engine_generated_tokens_total")
 HISTOGRAMS = ("ktulhu_request_queue_time_seconds", "ktulhu_e2e_request_latency_seconds",
               "ktulhu_request_prompt_tokens", "ktulhu_request_generation_tokens", "ktulhu_batch_size",
-              "ktulhu_prefill_chunk_tokens", "ktulhu_engine_ttft_seconds")
+              "ktulhu_prefill_chunk_tokens", "ktulhu_engine_ttft_seconds", "ktulhu_request_overhead_seconds")
 REASONS = ("stop", "length", "cancelled", "error")
 
 
@@ -222,6 +222,8 @@ async def test_openai_usage_matches_metrics_and_names_are_served(live_server) ->
             assert d["ktulhu_engine_generated_tokens_total"] == sum(u["completion_tokens"] for u in usages)
             assert d["success:length"] == 2
             assert d["ktulhu_batch_size_count"] == d["ktulhu_decode_steps_total"] >= 2 * MAX_TOKENS
+            # each request's time before the engine (parsing, quota, prompt) was measured once
+            assert d["ktulhu_request_overhead_seconds_count"] == 2 and d["ktulhu_request_overhead_seconds_sum"] > 0
 
             text = (await http.get("/metrics")).text
     for name in DOCUMENTED:

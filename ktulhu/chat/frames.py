@@ -15,6 +15,7 @@ Server frames keep the original's shapes and add `request_id` and `chat_id` to e
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -68,6 +69,8 @@ class PromptFrame:
     #: The model the client names (the web client wraps `"model": "mistral-7b-lora"` in `text`); a
     #: configured KTULHU_MODELS name picks it, anything else is the default model.
     model: str | None = None
+    #: When the frame was read (time.perf_counter): where the request overhead metric starts.
+    received: float = attrs.field(factory=time.perf_counter, eq=False)
 
     def stored_attachments(self) -> list[MessageAttachment]:
         return [a.stored() for a in self.attachments]

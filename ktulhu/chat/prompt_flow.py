@@ -296,6 +296,7 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
     finally:
         if lease is not None and reply.generation is None:
             lease.release()
+    reply.generation.metrics.arrived = frame.received  # the request overhead metric starts there
     if lease is not None:
         lease.follow(reply.generation)  # the model stays loaded until the reply ends
     with reply.generation as generation:

@@ -49,6 +49,9 @@ class RequestMetrics:
 
     submitted: float
     prompt_tokens: int
+    #: When the request reached the server (its HTTP request or `/ws` frame), if the surface says:
+    #: `submitted - arrived` is the work before the engine (parsing, quota, routing, the prompt).
+    arrived: float | None = None
     admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
