@@ -73,7 +73,7 @@ def drive(url: str, chromium: str, artifacts: Path, email: str) -> dict:
         page.fill("#chats .rename-input", "Octopus notes")
         page.keyboard.press("Enter")
         page.wait_for_selector(f"#chats li[data-chat-id='{kept}'] .chat-link:text-is('Octopus notes')")
-        page.wait_for_function("document.activeElement && document.activeElement.classList.contains('rename')")
+        page.wait_for_function("() => document.activeElement && document.activeElement.classList.contains('rename')")
         report["focus_after_rename"] = page.evaluate("document.activeElement.className")
         other.wait_for_selector(f"#chats li[data-chat-id='{kept}'] .chat-link:text-is('Octopus notes')")
 
