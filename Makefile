@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.ktulhu-installed
 
 GPU ?=
 
-.PHONY: setup model serve test system-packages doctor bench-store bench-engine bench-router bench-ws bench-loop-lag bench-scale router-model router-eval clean
+.PHONY: setup model serve test system-packages doctor bench-store bench-engine bench-router bench-ws bench-loop-lag bench-scale bench-http router-model router-eval clean
 
 # The virtual environment, rebuilt when pyproject.toml changes. llama-cpp-python is compiled for this
 # CPU (native, AMX kernels off) once per machine and kept in ~/.cache/ktulhu/wheels/ under a key of the
@@ -57,6 +57,10 @@ bench-store: setup
 bench-engine: setup model
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[bench]'
 	$(BIN)/python -m bench.engine
+
+# The served engine vs llama-server over HTTP: the same streaming /v1 requests, 1/4/8/16 streams.
+bench-http: setup model
+	$(BIN)/python -m bench.http
 
 # Event-loop lag while a 1 MB /v1 body and a 1,000-message chat are prompted (target < 50 ms).
 bench-loop-lag: setup model

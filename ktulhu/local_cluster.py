@@ -144,10 +144,10 @@ def llama_server(binary: Path, model: Path, name: str, log: Path, *, slots: int,
     url = f"http://127.0.0.1:{port}"
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
                "-c", str(slots * ctx), "-t", str(threads), "-tb", str(threads), "--metrics", "--slots", "--no-webui"]
-    return Member(name, command, log, _http_ok(f"{url}/health"), url=url)
+    return Member(name, command, log, http_ok(f"{url}/health"), url=url)
 
 
-def _http_ok(url: str) -> Callable[[], bool]:
+def http_ok(url: str) -> Callable[[], bool]:
     def check() -> bool:
         try:
             return httpx.get(url, timeout=2.0).status_code == 200
@@ -261,7 +261,7 @@ class LocalCluster:
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "ktulhu", "serve"]
         return Member(f"frontend-{index}", command, self.directory / "logs" / f"frontend-{index}.log",
-                      _http_ok(f"{url}/readyz"), url=url, env=self.frontend_settings(index, port, workers),
+                      http_ok(f"{url}/readyz"), url=url, env=self.frontend_settings(index, port, workers),
                       cwd=self.repo)
 
     def restart(self, name: str) -> None:
@@ -284,7 +284,7 @@ class LocalCluster:
         conf.write_text(template.replace("@UPSTREAMS@", upstreams).replace("@PORT@", str(self.port))
                         .replace("@RUN_DIR@", str(run)).replace("@NGINX_USER@", "nobody nogroup"))
         command = [str(NGINX), "-p", str(run), "-c", str(conf), "-e", str(run / "error.log"), "-g", "daemon off;"]
-        return Member("nginx", command, self.directory / "logs" / "nginx.log", _http_ok(f"{self.url}/healthz"),
+        return Member("nginx", command, self.directory / "logs" / "nginx.log", http_ok(f"{self.url}/healthz"),
                       url=self.url)
 
     def stop(self) -> None:

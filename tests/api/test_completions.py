@@ -27,7 +27,7 @@ from ktulhu.engine.sampling import SamplingParams
 from ktulhu.http.completions import CompletionRequest, parse_completion
 from ktulhu.settings import load_settings
 
-from api.helpers import openai_client
+from api.helpers import JSON_VALUES, openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 pytestmark = pytest.mark.model
@@ -202,10 +202,7 @@ async def test_remote_mode_completions_and_tokenizer(live_server, llama_worker) 
 # --- the body checkers, property-based ------------------------------------------------------------
 
 _SETTINGS = load_settings(environ={"JWT_SECRET": "s" * 40}, root=REPO)
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=10)
+_json = JSON_VALUES
 _token = st.integers(-5, 60_000) | _json
 _FIELD_VALUES = {
     "prompt": st.text(max_size=20) | st.lists(_token, max_size=4) | st.lists(st.text(max_size=5), max_size=3)

@@ -31,6 +31,7 @@ from ktulhu.http.embeddings import MAX_INPUTS, EmbeddingRequest, parse_embedding
 from ktulhu.local_cluster import llama_server
 from ktulhu.settings import default_model_path
 
+from api.helpers import JSON_VALUES
 from auth.helpers import bearer, client, make_user
 
 pytestmark = pytest.mark.model
@@ -233,10 +234,7 @@ async def test_remote_worker_without_embeddings(live_server, llama_worker) -> No
 
 # --- the body checker, property-based -------------------------------------------------------------
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=10)
+_json = JSON_VALUES
 _token = st.integers(-5, 60_000) | st.integers() | _json
 _FIELD_VALUES = {
     "input": st.text(max_size=20) | st.lists(st.text(max_size=5), max_size=4) | st.lists(_token, max_size=4)

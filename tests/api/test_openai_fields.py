@@ -30,7 +30,7 @@ from ktulhu.engine.sampling import SamplingParams
 from ktulhu.http.openai import ChatRequest, parse_request
 from ktulhu.settings import load_settings
 
-from api.helpers import openai_client
+from api.helpers import JSON_VALUES, openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 pytestmark = pytest.mark.model
@@ -353,10 +353,7 @@ async def test_remote_mode_passes_the_fields_on(live_server, llama_worker) -> No
 # --- the body checker, property-based -------------------------------------------------------------
 
 _SETTINGS = load_settings(environ={"JWT_SECRET": "s" * 40}, root=REPO)
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=10)
+_json = JSON_VALUES
 _schema = st.recursive(
     st.fixed_dictionaries({}, optional={
         "type": st.sampled_from(["string", "integer", "number", "boolean", "null", "object", "array"]) | _json,

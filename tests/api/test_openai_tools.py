@@ -27,7 +27,7 @@ from ktulhu.engine.sampling import check_grammar
 from ktulhu.http.openai import parse_request
 from ktulhu.settings import load_settings
 
-from api.helpers import openai_client
+from api.helpers import JSON_VALUES, openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
@@ -292,10 +292,7 @@ def test_remote_workers_get_the_reply_schema() -> None:
     assert body["messages"][0]["role"] == "system" and "get_weather" in body["messages"][0]["content"]
 
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=10)
+_json = JSON_VALUES
 _schema = st.recursive(
     st.fixed_dictionaries({}, optional={
         "type": st.sampled_from(["string", "integer", "object", "array"]) | _json,

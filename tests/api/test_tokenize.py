@@ -15,6 +15,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from ktulhu.api.problems import Problem
 from ktulhu.http.tokenize import parse_detokenize, parse_tokenize
 
+from api.helpers import JSON_VALUES
 from auth.helpers import bearer, client, make_user
 
 ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
@@ -69,10 +70,7 @@ async def test_tokenize_detokenize(live_server) -> None:
             assert (await post("/detokenize", {"tokens": [1]}, credential="nope")).status_code == 401
 
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=10)
+_json = JSON_VALUES
 _tokenize_bodies = st.fixed_dictionaries({}, optional={
     "content": st.text(max_size=30) | _json, "add_special": _json, "parse_special": _json, "with_pieces": _json,
     "wizard": _json})
