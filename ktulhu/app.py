@@ -10,8 +10,9 @@ from .app_state import RUNTIME_KEY
 from .http import admin, auth, chats, cors, external, health, openai, pages, payments, proxies, summaries, ws
 from .http import completions, embeddings, tokenize
 from .http import metrics as metrics_route
-from .http.errors import ApiError, framework_error, store_unavailable
+from .http.errors import ApiError, framework_error, not_running, store_unavailable
 from .logs import AccessLog, exchange_of
+from .nurseries.provided import NotRunning
 from .nurseries.runtime import Runtime
 from .store.errors import StoreError
 
@@ -46,6 +47,7 @@ def create_app(runtime: Runtime | None = None) -> QuartTrio:
     # Framework errors (unknown path, wrong method, body too large) answer JSON like every other error.
     app.register_error_handler(HTTPException, framework_error)
     app.register_error_handler(StoreError, store_unavailable)
+    app.register_error_handler(NotRunning, not_running)
     for module in BLUEPRINTS:
         app.register_blueprint(module.blueprint)
     cors.install(app)

@@ -18,9 +18,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .engine.request import FINISH_OBSERVERS, Finished
-from .engine.worker import STEP_OBSERVERS
-from .router.service import LATENCY_OBSERVERS
+from .engine.request import EngineEvents, Finished
 
 if TYPE_CHECKING:
     from .nurseries.runtime import Runtime
@@ -29,8 +27,8 @@ __all__ = [
     "BATCH_SIZE", "DECODE_STEPS", "E2E_LATENCY", "EVENT_LOOP_LAG", "FINISHED_REASONS", "GENERATED_TOKENS",
     "GENERATIONS", "HTTP_LATENCY", "HTTP_REQUESTS", "INTER_TOKEN", "PREFILL_CHUNK_TOKENS", "PREFIX_CACHE_HITS",
     "PREFIX_CACHE_QUERIES", "PROMPT_TOKENS", "QUEUE_TIME", "REQUEST_GENERATION_TOKENS", "REQUEST_PROMPT_TOKENS",
-    "REQUEST_SUCCESS", "ROUTER_LATENCY", "TTFT", "WS_PROMPTS", "WS_SESSIONS", "RuntimeCollector", "engine_panel",
-    "install_collector", "observe_finished", "observe_step", "token_rate",
+    "REQUEST_SUCCESS", "ROUTER_LATENCY", "TTFT", "WS_PROMPTS", "WS_SESSIONS", "ENGINE_EVENTS", "RuntimeCollector",
+    "engine_panel", "install_collector", "observe_finished", "observe_step", "token_rate",
 ]
 
 WS_SESSIONS = Gauge("ktulhu_ws_sessions", "Open /ws connections.")
@@ -123,7 +121,7 @@ _recent: deque[tuple[float, int]] = deque(maxlen=4096)
 
 
 def observe_finished(finished: Finished) -> None:
-    """Engine hook (`FINISH_OBSERVERS`, trio thread): latencies and token counts of one finished
+    """`ENGINE_EVENTS.finished` (trio thread): latencies and token counts of one finished
     generation. Prompt and cache figures count only requests that got a slot (their prompt was
     looked up); remote ones take them from the worker's usage (0 when it sent none, e.g. cancelled)."""
     metrics = finished.metrics
@@ -152,12 +150,16 @@ def observe_finished(finished: Finished) -> None:
 
 
 def observe_step(sequences: int, prefilled: int) -> None:
-    """Engine hook (`STEP_OBSERVERS`, a decode thread): one batched step of `sequences` sequences
+    """`ENGINE_EVENTS.step` (a decode thread): one batched step of `sequences` sequences
     that prefilled `prefilled` prompt tokens. Three thread-safe updates, whatever the batch."""
     DECODE_STEPS.inc()
     BATCH_SIZE.observe(sequences)
     if prefilled:
         PREFILL_CHUNK_TOKENS.observe(prefilled)
+
+
+#: What the serving engines report to (`nurseries/engine.py` gives it to each engine it makes).
+ENGINE_EVENTS = EngineEvents(finished=observe_finished, step=observe_step)
 
 
 def token_rate(now: float | None = None) -> float:
@@ -203,8 +205,9 @@ def engine_panel(runtime: Runtime | None) -> dict[str, Any]:
     }
     if runtime is None:
         return panel
-    if runtime.engine is not None:
-        stats = runtime.engine.stats()
+    engine, router = runtime.engine.current, runtime.router.current
+    if engine is not None:
+        stats = engine.stats()
         panel["engine"] = {
             "queue_depth": stats.queue_depth, "queue_capacity": stats.queue_capacity,
             "busy_slots": stats.busy_slots, "slots": sum(w.slots for w in stats.workers),
@@ -213,13 +216,14 @@ def engine_panel(runtime: Runtime | None) -> dict[str, Any]:
         remote = remote_workers(stats)
         if remote:  # KTULHU_ENGINE=remote: the admin overview's workers table
             panel["engine"]["remote_workers"] = [attrs.asdict(w) for w in remote]
-    if runtime.router is not None:
-        r = runtime.router.statistics()
+    if router is not None:
+        r = router.statistics()
         panel["router"] = {"queued": r.queued, "batches_running": r.batches_running, "batches": r.batches,
                            "classified": r.classified, "timeouts": r.timeouts, "failures": r.failures}
-    if runtime.store is not None:
-        s = runtime.store.aio.statistics()
-        q = runtime.store.aio.queue_statistics()
+    store = runtime.opened_store.current
+    if store is not None:
+        s = store.aio.statistics()
+        q = store.aio.queue_statistics()
         panel["store"] = {"corrupt_records": s.corrupt_records, "foreign_records": s.foreign_records,
                           "stale_index_entries": s.stale_index_entries, "writes": s.writes,
                           "queued_calls": q.queued, "workers_busy": q.workers_busy}
@@ -243,8 +247,9 @@ class RuntimeCollector(Collector):
         yield rate
         if runtime is None:
             return
-        if runtime.engine is not None:
-            stats = runtime.engine.stats()
+        engine, router = runtime.engine.current, runtime.router.current
+        if engine is not None:
+            stats = engine.stats()
             for name, doc, value in (
                 ("ktulhu_engine_queue_depth", "Generations waiting for a slot.", stats.queue_depth),
                 ("ktulhu_engine_queue_capacity", "Most generations that may wait.", stats.queue_capacity),
@@ -256,8 +261,8 @@ class RuntimeCollector(Collector):
                 gauge.add_metric([], value)
                 yield gauge
             yield from _worker_families(remote_workers(stats))
-        if runtime.router is not None:
-            r = runtime.router.statistics()
+        if router is not None:
+            r = router.statistics()
             queued = GaugeMetricFamily("ktulhu_router_queue_depth", "Classifications waiting for a batch.")
             queued.add_metric([], r.queued)
             yield queued
@@ -266,8 +271,9 @@ class RuntimeCollector(Collector):
             calls.add_metric(["timeout"], r.timeouts)
             calls.add_metric(["failure"], r.failures)
             yield calls
-        if runtime.store is not None:
-            s = runtime.store.aio.statistics()
+        store = runtime.opened_store.current
+        if store is not None:
+            s = store.aio.statistics()
             errors = CounterMetricFamily("ktulhu_store_errors", "Store records skipped, by kind.", labels=["kind"])
             errors.add_metric(["corrupt"], s.corrupt_records)
             errors.add_metric(["foreign"], s.foreign_records)
@@ -276,7 +282,7 @@ class RuntimeCollector(Collector):
             writes = CounterMetricFamily("ktulhu_store_writes", "Store write batches committed.")
             writes.add_metric([], s.writes)
             yield writes
-            q = runtime.store.aio.queue_statistics()
+            q = store.aio.queue_statistics()
             queued = GaugeMetricFamily("ktulhu_store_queued_calls", "Store calls waiting for a worker thread.")
             queued.add_metric([], q.queued)
             yield queued
@@ -322,14 +328,11 @@ _installed = False
 
 
 def install_collector(runtime: Runtime | None) -> None:
-    """Register the live-state collector and the engine observer once per process; point it at `runtime`."""
+    """Register the live-state collector once per process; point it at `runtime`."""
     global _installed
     with _install_lock:
         if not _installed:
             REGISTRY.register(COLLECTOR)
-            FINISH_OBSERVERS.append(observe_finished)
-            STEP_OBSERVERS.append(observe_step)
-            LATENCY_OBSERVERS.append(ROUTER_LATENCY.observe)
             _installed = True
     if runtime is not None:
         COLLECTOR.runtime = runtime

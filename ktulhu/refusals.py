@@ -52,9 +52,11 @@ def ws_code(error: Exception) -> str:
     return _row(error).ws
 
 
-def http_problem(error: Exception, prompt_field: str) -> Problem:
-    """The HTTP answer to `error` (one of `ENGINE_REFUSALS`); `prompt_field` names where the prompt was."""
+def http_problem(error: Exception, prompt_field: str, *, task: str = "generation") -> Problem:
+    """The HTTP answer to `error` (one of `ENGINE_REFUSALS`); `prompt_field` names where the prompt
+    was, `task` what failed when nothing more specific did (`generation_failed`, `tokenizer_failed`...)."""
     row = _row(error)
     param = "model" if isinstance(error, UnknownModel) else prompt_field if row.names_prompt else None
-    return Problem(row.status, row.code, str(error) or "the generation failed", param=param,
+    code = f"{task}_failed" if row.kind is EngineError else row.code
+    return Problem(row.status, code, str(error) or f"the {task} failed", param=param,
                    headers={"Retry-After": row.retry_after} if row.retry_after else None)

@@ -17,9 +17,8 @@ from ktulhu import ports
 from ktulhu.nurseries import root
 from ktulhu.nurseries.runtime import Runtime
 from ktulhu.settings import default_model_path, load_settings
+from tests.paths import REPO
 from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures: a real PostgreSQL)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +97,7 @@ def live_server(server_dir: Path) -> LiveServerFactory:
         async with trio.open_nursery() as nursery:
             runtime, binds = await nursery.start(root.serve, settings)
             with trio.fail_after(120):
-                while not runtime.readiness.ready:
-                    await trio.sleep(0.02)
+                await runtime.readiness.wait_ready()
             port = int(binds[0].rsplit(":", 1)[1])
             yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", runtime, server_dir)
             runtime.request_shutdown()

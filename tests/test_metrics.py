@@ -44,9 +44,9 @@ async def test_metrics_exposition(live_server):
                 assert (await client.get(f"/chat-thread/{chat_id}")).status_code == 200
             assert (await client.get("/no/such/path/" + uuid.uuid4().hex)).status_code == 404
 
-            await runtime.router.classify("how do I bake bread?", "en")
+            await runtime.router.get().classify("how do I bake bread?", "en")
             params = SamplingParams.defaults(runtime.settings, max_tokens=8, temperature=0.0)
-            gen = await runtime.engine.chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Say hi.")],
+            gen = await runtime.engine.get().chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Say hi.")],
                                             params)
             with gen:
                 text = await gen.text()
@@ -66,7 +66,7 @@ async def test_metrics_exposition(live_server):
             assert value(after, "ktulhu_http_request_seconds_count", route=rule) >= 2
 
             # Live engine state, read at scrape time.
-            stats = runtime.engine.stats()
+            stats = runtime.engine.get().stats()
             assert value(after, "ktulhu_engine_busy_slots") == stats.busy_slots == 0
             assert value(after, "ktulhu_engine_queue_depth") == stats.queue_depth == 0
             assert value(after, "ktulhu_engine_queue_capacity") == stats.queue_capacity

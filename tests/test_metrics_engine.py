@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import orjson
@@ -23,12 +22,12 @@ from ktulhu.engine.prompt import ChatMessage
 from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
 from auth.helpers import bearer, client, make_user
 
 pytestmark = pytest.mark.model
 
-REPO = Path(__file__).resolve().parents[1]
 #: A prompt the default model answers at length: a few tokens always end at max_tokens.
 COUNTING = [ChatMessage("system", "You are a helpful assistant."),
             ChatMessage("user", "Count from one to fifty in words, separated by commas.")]
@@ -81,9 +80,9 @@ def model() -> Model:
 @asynccontextmanager
 async def local_engine(model: Model) -> AsyncIterator[Engine]:
     """One decode worker with one slot: every request lands in the same cache, one sequence per step."""
-    metrics.install_collector(None)  # the engine hooks (as the app installs them)
-    engine = Engine(model, load_settings(environ={"LLAMA_CLI_THREADS": "1", "KTULHU_SLOTS": "1",
-                                                  "KTULHU_ENGINE_WORKERS": "1"}, root=REPO))
+    settings = load_settings(environ={"LLAMA_CLI_THREADS": "1", "KTULHU_SLOTS": "1", "KTULHU_ENGINE_WORKERS": "1"},
+                             root=REPO)
+    engine = Engine(model, settings, events=metrics.ENGINE_EVENTS)  # as the engine service makes it
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         yield engine
@@ -160,7 +159,6 @@ def _sse(*events: object) -> bytes:
 async def test_remote_requests_use_the_workers_usage() -> None:
     """Remote mode: what the front-end sees (usage, cached tokens, slot wait, finish) feeds the same
     series; decode steps and batch sizes stay the worker's own."""
-    metrics.install_collector(None)
     stream = _sse(
         {"choices": [{"delta": {"content": "One"}, "finish_reason": None}]},
         {"choices": [{"delta": {"content": ", two"}, "finish_reason": "length"}]},
@@ -177,7 +175,7 @@ async def test_remote_requests_use_the_workers_usage() -> None:
         return httpx.Response(200, json={"status": "ok"})
 
     settings = load_settings(environ={"KTULHU_WORKERS": "http://worker.test:8080|slots=1"}, root=REPO)
-    engine = RemoteEngine(settings, transport=httpx.MockTransport(worker))
+    engine = RemoteEngine(settings, transport=httpx.MockTransport(worker), events=metrics.ENGINE_EVENTS)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         before = snapshot()

@@ -13,8 +13,9 @@ import trio
 
 from ktulhu import preflight
 from ktulhu.preflight import BATCH_TOKENS, STAGE_PREFIX, PreflightFailed, prove_model, prove_router
+from tests.paths import REPO
 
-ROUTER_DIR = Path(__file__).resolve().parents[1] / "models" / "intent_router"
+ROUTER_DIR = REPO / "models" / "intent_router"
 
 
 def _python(code: str) -> list[str]:

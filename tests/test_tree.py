@@ -13,6 +13,7 @@ from ktulhu.nurseries import tree
 from ktulhu.nurseries.runtime import Runtime, ServiceFailed
 from ktulhu.settings import load_settings
 from ktulhu.store import Store
+from tests.servers import running_tree
 
 
 def make_runtime(server_dir: Path, **env: str) -> Runtime:
@@ -60,7 +61,7 @@ async def test_readiness_follows_each_service_and_store_closes_last(server_dir: 
         assert runtime.readiness.snapshot()["components"]["b"] == {"status": "degraded", "reason": "no model"}
         nursery.cancel_scope.cancel()
     assert a.stopped and b.stopped
-    assert runtime.store is None and runtime.readiness.components["store"].status == "stopped"
+    assert runtime.opened_store.current is None and runtime.readiness.components["store"].status == "stopped"
     assert runtime.readiness.snapshot()["status"] == "stopping"
     Store.open(runtime.settings.db_dir).close()  # the lock was released: the store reopens
 
@@ -80,7 +81,7 @@ async def test_crash_after_start_raises_service_failed_and_closes_store(
     assert str(failure) == "gpu service failed: OSError: device lost"
     assert healthy.stopped
     assert runtime.readiness.components["gpu"].status == "failed"
-    assert runtime.store is None
+    assert runtime.opened_store.current is None
     Store.open(runtime.settings.db_dir).close()
 
 
@@ -108,14 +109,8 @@ async def test_store_locked_by_another_opener_fails_before_services_start(server
 
 
 async def test_real_services_load_the_default_model(server_dir: Path) -> None:
-    runtime = make_runtime(server_dir)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(tree.run, runtime)
-        with trio.fail_after(60):
-            while not runtime.readiness.ready:
-                await trio.sleep(0.05)
+    async with running_tree(server_dir) as runtime:
         model = runtime.readiness.components["model"].detail
         assert model["n_vocab"] == 49152 and model["n_ctx_train"] >= 2048
-        assert runtime.model is not None and runtime.model.tokenize("hello world", special=False)
-        nursery.cancel_scope.cancel()
-    assert runtime.model is None
+        assert runtime.model.current is not None and runtime.model.get().tokenize("hello world", special=False)
+    assert runtime.model.current is None

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from bench.paths import REPO
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.model import Model
 from ktulhu.engine.prompt import ChatMessage
@@ -30,8 +31,6 @@ from ktulhu.settings import load_settings
 
 from . import baseline, llama_server, report
 from .workload import Record, chat_prompt, percentile, show, summarise_rounds
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args() -> argparse.Namespace:
@@ -188,8 +187,9 @@ async def cancel_latency(model: Model, args: argparse.Namespace) -> dict:
                         wanted -= 1
                         if wanted <= 0:
                             break
-            while gen.finished is None:
-                await trio.sleep(0.001)
+            ended = trio.Event()
+            gen.when_finished(ended.set)  # leaving `with` asked for the cancel; the slot frees at the next step
+            await ended.wait()
             if gen.metrics.cancel_latency is not None:
                 latencies["prefill" if in_prefill else "decode"].append(gen.metrics.cancel_latency)
 

@@ -27,11 +27,11 @@ import trio
 
 from bench.engine.llama_server import LlamaServer, ensure_built
 from bench.engine.workload import Record, TokenClock, summarise_rounds
+from bench.paths import REPO
 from ktulhu.local_cluster import Member, http_ok
 from ktulhu.ports import free_port
 from ktulhu.settings import load_settings
 
-REPO = Path(__file__).resolve().parents[2]
 SYSTEM = "You are a helpful assistant. Answer in detail."
 TOPICS = ["the sea", "mountains", "a city at night", "an old library", "the desert", "a rainy forest",
           "a space station", "a small village", "the northern lights", "a busy market", "a lighthouse",

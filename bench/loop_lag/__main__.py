@@ -43,13 +43,13 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
+from bench.paths import REPO
 from ktulhu.ports import free_port
 from ktulhu.auth.tokens import issue_token
 from ktulhu.settings import load_settings
 from ktulhu.store import Store
 from ktulhu.store.records import Message, User, now_ms
 
-REPO = Path(__file__).resolve().parents[2]
 METRIC = "ktulhu_event_loop_lag_seconds"
 TARGET_MS = 50.0
 JWT_SECRET = "bench-loop-lag-" + "0123456789abcdef" * 3

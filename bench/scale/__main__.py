@@ -39,13 +39,13 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
+from bench.paths import REPO
 from ktulhu.ports import free_port
 from ktulhu.local_cluster import LocalCluster
 from ktulhu.prompts import system_prompt
 from ktulhu.router.service import Router
 from ktulhu.settings import load_settings
 
-REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["the sea", "mountains", "a city at night", "an old library", "the desert", "a rainy forest",
           "a space station", "a small village", "the northern lights", "a busy market", "a lighthouse",
           "a train journey", "a winter garden", "a river delta", "a volcano", "a coral reef"]

@@ -35,13 +35,14 @@ from typing import Any
 import trio
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
+from bench.paths import REPO
 from ktulhu.store import AsyncStore, Message, Store
 from ktulhu.store.aio import DEFAULT_THREADS
 from ktulhu.store.postgres import POSTGRES_THREADS
 
 from . import baseline
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "store.json"
+RESULTS = REPO / "bench" / "results" / "store.json"
 BASE_S = 1_600_000_000  # legacy timestamps (seconds)
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4  # ~180 bytes, a typical short turn
 
@@ -225,7 +226,7 @@ def bench_large(work: Path, messages: int, history: int, repeat: int) -> dict[st
 def bench_postgres(large_path: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     """Steps 1-3 on PostgreSQL (fsync on), the large store copied in from RocksDB."""
     try:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        sys.path.insert(0, str(REPO))
         from tests.postgres import fresh_database, postgres_bin, start_server, stop_server
     except ImportError as error:
         print(f"postgresql: skipped ({error})", flush=True)

@@ -33,6 +33,7 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
+from bench.paths import REPO
 from ktulhu.ports import free_port
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.prompt import ChatMessage
@@ -43,7 +44,6 @@ from ktulhu.nurseries import root
 from ktulhu.settings import load_settings
 from ktulhu.startup import prepare
 
-REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["the sea", "mountains", "a city at night", "an old library", "the desert", "a rainy forest",
           "a space station", "a small village", "the northern lights", "a busy market", "a lighthouse",
           "a train journey", "a winter garden", "a river delta", "a volcano", "a coral reef"]
@@ -302,19 +302,19 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
         async with trio.open_nursery() as nursery:
             runtime, binds = await nursery.start(root.serve, prepare(settings))
             with trio.fail_after(120):
-                while not runtime.readiness.ready:
-                    await trio.sleep(0.05)
+                await runtime.readiness.wait_ready()
             url = f"ws://127.0.0.1:{binds[0].rsplit(':', 1)[1]}/ws"
 
             async def idle() -> None:
-                """Until the engine and the title worker (which runs in idle time) are done."""
+                """Until the title worker (which runs in idle time, after a round's replies asked for their
+                titles) and then the engine are done."""
                 with trio.fail_after(300):
-                    while runtime.engine.stats().busy_slots or runtime.summaries.queued:
-                        await trio.sleep(0.05)
+                    await runtime.summaries.get().wait_idle()
+                    await runtime.engine.get().wait_idle()
 
             await ws_round(url, args, 99)  # warm-up, both paths
             await idle()
-            await direct_round(runtime.engine, runtime.router, args, 99)
+            await direct_round(runtime.engine.get(), runtime.router.get(), args, 99)
             for round_no in range(args.rounds):
                 await idle()
                 before = cpu_seconds(os.getpid())
@@ -323,7 +323,7 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 ws_cpu.append(cpu_seconds(os.getpid()) - before)
                 await idle()
                 before = cpu_seconds(os.getpid())
-                rate, direct_prefill = await direct_round(runtime.engine, runtime.router, args, round_no)
+                rate, direct_prefill = await direct_round(runtime.engine.get(), runtime.router.get(), args, round_no)
                 direct_rates.append(rate)
                 direct_cpu.append(cpu_seconds(os.getpid()) - before)
                 print(f"round {round_no + 1}: /ws {ws_rates[-1]:.1f} tok/s ({ws_prefill} prompt tokens computed), "

@@ -29,7 +29,8 @@ async def authenticate(*, allow_api_key: bool = True) -> Caller:
     try:
         credential = bearer_token(header)
         assert credential is not None
-        principal = await authenticate_bearer(current_runtime(), credential)
+        runtime = current_runtime()
+        principal = await authenticate_bearer(runtime.store, runtime.settings, credential)
     except AuthError as exc:
         raise Problem(401, exc.code, exc.message) from None
     assert principal.user is not None

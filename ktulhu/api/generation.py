@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import orjson
@@ -24,6 +24,7 @@ from ..engine.prompt import ChatMessage
 from ..engine.request import EngineClosed, EngineError, Generation, GrammarDeadEnd
 from ..engine.sampling import SamplingParams
 from ..logs import note_generation
+from ..nurseries.provided import Provided
 from ..nurseries.runtime import Runtime
 from ..refusals import ENGINE_REFUSALS, http_problem
 from ..prompts import system_prompt
@@ -31,7 +32,19 @@ from ..router.result import IntentRoutingResult
 from ..store.records import User
 from .problems import Problem
 
-__all__ = ["PaidGeneration", "begin", "routed_system_prompt", "sse_event", "sse_response"]
+__all__ = ["SSE_DONE", "PaidGeneration", "begin", "routed_system_prompt", "running", "sse_event", "sse_response"]
+
+T = TypeVar("T")
+
+
+def running(runtime: Runtime, provided: Provided[T]) -> T:
+    """What the engine service provides (the engine, the embedder), or a 503 while the model starts
+    or the server stops."""
+    value = provided.current
+    if value is None or runtime.shutting_down.is_set():
+        raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
+                      headers={"Retry-After": "5"})
+    return value
 
 #: Seconds a refund may take when the request is being cancelled (it runs shielded).
 REFUND_TIMEOUT_S = 5.0
@@ -39,7 +52,7 @@ REFUND_TIMEOUT_S = 5.0
 
 async def routed_system_prompt(runtime: Runtime, text: str, language: str | None) -> tuple[IntentRoutingResult | None, str]:
     """The router's decision for `text` and the system prompt in the caller's language."""
-    router = runtime.router
+    router = runtime.router.current
     if router is None:
         raise Problem(503, "router_unavailable", "the intent router is not running; try again shortly")
     result = await router.classify(text, language)
@@ -51,11 +64,8 @@ async def _submit(runtime: Runtime, messages: Sequence[ChatMessage], params: Sam
                   model: str | None = None) -> tuple[Generation, str]:
     """`engine.chat(messages)`, or with `prompt` `engine.complete(prompt)` (a raw completion), on the
     model `model` picks (`ModelPool.resolve`; remote mode: the one model), and that model's name."""
-    engine = runtime.engine
-    if engine is None or runtime.shutting_down.is_set():
-        raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
-                      headers={"Retry-After": "5"})
-    pool = runtime.models
+    engine = running(runtime, runtime.engine)
+    pool = runtime.models.current
     if pool is None:
         return await _submit_to(engine, messages, params, chat_id, prompt), runtime.settings.model_name
     try:
@@ -161,7 +171,7 @@ async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], p
     With `prompt` (text or token ids), a raw completion of it: no chat template, `messages` unused.
     `model` picks the model (404 `model_not_found` for an unknown one when several are configured)."""
     try:
-        reservation = await reserve(runtime, user)
+        reservation = await reserve(runtime.store, runtime.settings, user)
     except QuotaExceeded:
         raise Problem(403, "free_quota_exceeded",
                       "the free plan's generations are used up; upgrade to continue") from None
@@ -176,6 +186,10 @@ async def begin(runtime: Runtime, user: User, messages: Sequence[ChatMessage], p
     if has_request_context():  # the access line of this request reports the tokens generated
         note_generation(request.scope, generation.metrics)
     return PaidGeneration(generation, reservation, name)
+
+
+#: The end of an OpenAI-style stream.
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(data: Any, event: str | None = None) -> bytes:

@@ -11,16 +11,20 @@ import base64
 import binascii
 import hmac
 import json
-import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from ..nurseries.runtime import Runtime
+from ..settings import Settings
+from .ratelimit import retry_after_s, spend
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 __all__ = ["AdminCheck", "AdminCredentials", "AdminConfigError", "check_admin", "load_admin_credentials",
            "write_admin_credentials"]
@@ -113,7 +117,7 @@ def _verify(creds: AdminCredentials, user: str, password: str) -> bool:
     return name_ok and password_ok
 
 
-async def check_admin(runtime: Runtime, authorization: str | None, client: str) -> AdminCheck:
+async def check_admin(store: Store, settings: Settings, authorization: str | None, client: str) -> AdminCheck:
     """Check HTTP Basic credentials.
 
     Lockout rules (why: a lock that anyone can trigger is a way to lock the admin out):
@@ -124,7 +128,6 @@ async def check_admin(runtime: Runtime, authorization: str | None, client: str) 
       would still let it guess); every other address is unaffected.
     The token is taken before the password is verified, so concurrent guesses cannot exceed the budget.
     """
-    settings = runtime.settings
     try:
         creds = load_admin_credentials(settings.path(settings.admin_auth_file))
     except AdminConfigError as exc:
@@ -132,19 +135,12 @@ async def check_admin(runtime: Runtime, authorization: str | None, client: str) 
     pair = _basic(authorization)
     if pair is None:
         return AdminCheck(401, "unauthorized")
-    store = runtime.store
-    assert store is not None
-    rate = settings.admin_rate
-    subject = client or "unknown"
-    if rate:
-        decision = await store.aio.take_rate_token("admin", subject, capacity=rate, refill_per_s=rate / 60)
-        if not decision.allowed:
-            return AdminCheck(429, "too many failed admin sign-ins; try again later",
-                              retry_after=max(1, math.ceil(decision.retry_after_ms / 1000)))
+    decision = await spend(store, "admin", client, settings.admin_rate)
+    if decision is not None and not decision.allowed:
+        return AdminCheck(429, "too many failed admin sign-ins; try again later", retry_after=retry_after_s(decision))
     async with _VERIFY_LIMIT:
         ok = await trio.to_thread.run_sync(_verify, creds, *pair)
     if not ok:
         return AdminCheck(401, "unauthorized")
-    if rate:
-        await store.aio.take_rate_token("admin", subject, capacity=rate, refill_per_s=rate / 60, cost=-1)
+    await spend(store, "admin", client, settings.admin_rate, cost=-1)  # a right password spends nothing
     return AdminCheck(200)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import attrs
 
-from ..nurseries.runtime import Runtime
 from ..store.records import User
+from ..settings import Settings
 from .api_keys import authenticate_key, looks_like_key
 from .key_file import match_static_key
 from .operator_keys import keyfile_account
 from ..store.keys import is_valid_id
 from .tokens import InvalidToken, verify_claims
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 __all__ = ["ANONYMOUS", "SESSIONS_AFTER", "AuthError", "Kind", "Principal", "authenticate_bearer", "bearer_token",
            "sessions_after"]
@@ -71,18 +75,16 @@ def bearer_token(authorization: str | None) -> str | None:
     return credential.strip()
 
 
-async def authenticate_bearer(runtime: Runtime, credential: str) -> Principal:
+async def authenticate_bearer(store: Store, settings: Settings, credential: str) -> Principal:
     """A user principal for an app JWT or API key; raises `AuthError` when it is not valid.
 
     A key of `KTULHU_API_KEYS_FILE` acts as its service account (made at its first use)."""
-    store = runtime.store
-    assert store is not None
     if looks_like_key(credential):
         user = await store.aio.run(authenticate_key, store, credential)
         if user is None:
             raise AuthError("invalid_api_key", "API key is not valid or was revoked")
         return Principal(Kind.USER, user, api_key=True)
-    static_keys = runtime.settings.static_keys
+    static_keys = settings.static_keys
     if static_keys:
         static = match_static_key(static_keys, credential)
         if static is not None:
@@ -91,7 +93,7 @@ async def authenticate_bearer(runtime: Runtime, credential: str) -> Principal:
                 raise AuthError("invalid_api_key", "API key is not valid or was revoked")
             return Principal(Kind.USER, user, api_key=True)
     try:
-        claims = verify_claims(runtime.settings, credential)
+        claims = verify_claims(settings, credential)
     except InvalidToken:
         raise AuthError("invalid_token", "token is not valid or has expired") from None
     jti = claims.get("jti")

@@ -18,14 +18,16 @@ paid and admin accounts, and accounts made before pools existed are not pooled.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..nurseries.runtime import Runtime
 from ..settings import Settings
 from ..store.records import User
 from .operator_keys import account_limit
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 __all__ = ["FREE_POOL", "QuotaExceeded", "Reservation", "UNLIMITED_ROLES", "UserGone", "generation_limit",
            "pool_of", "refund", "reserve", "usage"]
@@ -81,7 +83,7 @@ def pool_of(settings: Settings, user: User) -> str | None:
 class Reservation:
     """One reserved generation; `refund()` gives it back at most once (to the pool too)."""
 
-    runtime: Runtime
+    store: Store
     user: User
     generation_count: int
     refunded: bool = False
@@ -90,19 +92,14 @@ class Reservation:
     async def refund(self) -> None:
         if not self.refunded:
             self.refunded = True
-            await refund(self.runtime, self.user.id)
+            await refund(self.store, self.user.id)
             if self.pool is not None:
-                store = self.runtime.store
-                assert store is not None
-                await store.aio.run(store.spend_quota_pool, self.pool, limit=0, by=-1)
+                await self.store.aio.run(self.store.spend_quota_pool, self.pool, limit=0, by=-1)
 
 
-async def reserve(runtime: Runtime, user: User) -> Reservation:
+async def reserve(store: Store, settings: Settings, user: User) -> Reservation:
     """Count one generation for `user` (and its pool) if the quota allows; raises `QuotaExceeded` or
     `UserGone`."""
-    store = runtime.store
-    assert store is not None
-    settings = runtime.settings
     limit = generation_limit(settings, user)
     result = await store.aio.increment_generation_count(user.id, limit=limit)
     if result.generation_count is None:
@@ -112,12 +109,10 @@ async def reserve(runtime: Runtime, user: User) -> Reservation:
     pool = pool_of(settings, user)
     if pool is not None and limit is not None:
         if not await store.aio.run(store.spend_quota_pool, pool, limit=limit * settings.free_accounts_per_address):
-            await refund(runtime, user.id)
+            await refund(store, user.id)
             raise QuotaExceeded(user.id)
-    return Reservation(runtime, user, result.generation_count, pool=pool)
+    return Reservation(store, user, result.generation_count, pool=pool)
 
 
-async def refund(runtime: Runtime, user_id: str) -> None:
-    store = runtime.store
-    assert store is not None
+async def refund(store: Store, user_id: str) -> None:
     await store.aio.increment_generation_count(user_id, by=-1)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import TYPE_CHECKING
 
-from ..nurseries.runtime import Runtime
 from ..store.errors import IdentityTaken
 from ..store.records import User, now_ms
 from .api_keys import revoke_all_keys
@@ -23,6 +23,9 @@ from .oidc import IdToken
 from .passwords import stored_hash, verify_password
 from .principal import SESSIONS_AFTER
 from .quota import FREE_POOL
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 __all__ = ["EmailTaken", "create_email_user", "email_login", "oauth_user"]
 
@@ -42,11 +45,9 @@ def _meta(user: User) -> dict:
     return user.meta
 
 
-async def create_email_user(runtime: Runtime, email: str, password_hash: str, *, pool: str | None = None) -> User:
+async def create_email_user(store: Store, email: str, password_hash: str, *, pool: str | None = None) -> User:
     """A new free account for a normalised, validated email; raises `EmailTaken`. `pool` names the
     shared free quota of unverified accounts made from the same address (`quota.FREE_POOL`)."""
-    store = runtime.store
-    assert store is not None
     meta: dict = {"email": email, "auth_methods": ["email"]}
     if pool:
         meta[FREE_POOL] = pool
@@ -60,29 +61,25 @@ async def create_email_user(runtime: Runtime, email: str, password_hash: str, *,
         raise EmailTaken(email) from None
 
 
-async def email_login(runtime: Runtime, email: str, password: str) -> User | None:
+async def email_login(store: Store, email: str, password: str) -> User | None:
     """The account when `password` is right; None otherwise (unknown email, OAuth-only account, wrong
     password), after the same argon2 work in every case."""
-    store = runtime.store
-    assert store is not None
     user = await store.aio.find_user_by_email(email) if email else None
     ok = await verify_password(stored_hash(user), password)
     return user if ok else None
 
 
-async def oauth_user(runtime: Runtime, token: IdToken) -> User:
+async def oauth_user(store: Store, token: IdToken) -> User:
     """The account of a verified ID token: the one linked to its provider id, else the one with its
     verified email (linked now), else a new one."""
-    store = runtime.store
-    assert store is not None
     for _ in range(3):  # a concurrent first sign-in of the same person may win the index: look again
         user = await store.aio.find_user_by_provider(token.provider_id)
         if user is not None:
-            return await _adopt_email(runtime, user, token)
+            return await _adopt_email(store, user, token)
         if token.email_verified and token.email:
             owner = await store.aio.find_user_by_email(token.email)
             if owner is not None:
-                linked = await _link(runtime, owner, token)
+                linked = await _link(store, owner, token)
                 if linked is not None:
                     return linked
                 continue
@@ -99,7 +96,7 @@ async def oauth_user(runtime: Runtime, token: IdToken) -> User:
     raise RuntimeError("the account could not be resolved (concurrent changes); try again")
 
 
-async def _adopt_email(runtime: Runtime, user: User, token: IdToken) -> User:
+async def _adopt_email(store: Store, user: User, token: IdToken) -> User:
     """A returning OAuth user without an email gets the provider's verified one, if still free."""
     if user.email or not (token.email_verified and token.email):
         return user
@@ -113,17 +110,15 @@ async def _adopt_email(runtime: Runtime, user: User, token: IdToken) -> User:
         return current
 
     try:
-        updated = await runtime.store.aio.update_user(user.id, change)  # type: ignore[union-attr]
+        updated = await store.aio.update_user(user.id, change)  # type: ignore[union-attr]
     except IdentityTaken:
         return user
     return updated or user
 
 
-async def _link(runtime: Runtime, owner: User, token: IdToken) -> User | None:
+async def _link(store: Store, owner: User, token: IdToken) -> User | None:
     """Link the provider id to the account owning the verified email; None when it vanished or the
     provider id was taken meanwhile."""
-    store = runtime.store
-    assert store is not None
     took_over = False
 
     def change(current: User) -> User:

@@ -13,10 +13,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..auth.principal import Principal
-from ..nurseries.runtime import Runtime
+from ..settings import Settings
 from ..store.errors import CorruptRecord
 from ..store.records import Chat
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 __all__ = ["ChatForbidden", "chat_for", "listable_chats", "lists_everything", "may_use_chat"]
 
@@ -28,14 +33,14 @@ def may_use_chat(principal: Principal, chat: Chat | None) -> bool:
     return principal.user_id == chat.user_id
 
 
-def lists_everything(runtime: Runtime, principal: Principal) -> bool:
+def lists_everything(settings: Settings, principal: Principal) -> bool:
     """Listings (by device, the sidebar) show every chat only to the admin or in single-user mode."""
-    return principal.is_admin or runtime.settings.open_listings
+    return principal.is_admin or settings.open_listings
 
 
-def listable_chats(runtime: Runtime, principal: Principal, chats: list[Chat]) -> list[Chat]:
+def listable_chats(settings: Settings, principal: Principal, chats: list[Chat]) -> list[Chat]:
     """The chats of a listing the caller may see: all of them, or only their own."""
-    if lists_everything(runtime, principal):
+    if lists_everything(settings, principal):
         return chats
     return [c for c in chats if c.user_id is not None and c.user_id == principal.user_id]
 
@@ -44,12 +49,11 @@ class ChatForbidden(Exception):
     """The caller may not use this chat; the message says why (sent to the client)."""
 
 
-async def chat_for(runtime: Runtime, principal: Principal, chat_id: str) -> Chat | None:
+async def chat_for(store: Store, principal: Principal, chat_id: str) -> Chat | None:
     """The chat if the caller may use it (None: it does not exist yet); else `ChatForbidden`.
     An unreadable record is the admin's alone, never "missing, so anyone may create it"."""
-    assert runtime.store is not None
     try:
-        chat = await runtime.store.aio.load_chat(chat_id, strict=True)
+        chat = await store.aio.load_chat(chat_id, strict=True)
     except CorruptRecord:
         if principal.is_admin:
             return None

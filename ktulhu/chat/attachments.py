@@ -8,45 +8,28 @@ when byte 240 fell inside a multi-byte character).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
 
 from ..store.records import MessageAttachment
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["Attachment", "attachment_notes", "classification_text", "parse_attachments", "sanitise_snippet"]
+__all__ = ["ATTACHMENTS_HEADER", "attachment_notes", "classification_text", "parse_attachments", "render_content",
+           "sanitise_snippet"]
 
+ATTACHMENTS_HEADER = "[Attachments]\nUse the information below when it helps answer the user\u2019s message.\n"
 SNIPPET_BYTES = 240
 MAX_FIELD_CHARS = 8_000
 MAX_LABELS = 32
 MAX_LABEL_CHARS = 100
 
 
-@attrs.frozen
-class Attachment:
-    id: str
-    filename: str
-    mime_type: str | None = None
-    preview_base64: str | None = None
-    path: str | None = None
-    description: str | None = None
-    ocr_text: str | None = None
-    labels: tuple[str, ...] = ()
-
-    def stored(self) -> MessageAttachment:
-        return MessageAttachment(
-            id=self.id, filename=self.filename, mime_type=self.mime_type, preview_base64=self.preview_base64,
-            path=self.path, size=None, description=self.description, ocr_text=self.ocr_text,
-            labels=list(self.labels),
-        )
-
-
-def parse_attachments(value: Any, settings: Settings) -> tuple[Attachment, ...]:
-    """The client's camelCase attachment list, checked against the limits (raises `FrameError`)."""
+def parse_attachments(value: Any, settings: Settings) -> tuple[MessageAttachment, ...]:
+    """The client's camelCase attachment list, checked against the limits (raises `FrameError`), in
+    the form it is stored in."""
     from .frames import FrameError
 
     if value is None:
@@ -76,7 +59,7 @@ def parse_attachments(value: Any, settings: Settings) -> tuple[Attachment, ...]:
         if (not isinstance(labels, list) or len(labels) > MAX_LABELS
                 or any(not isinstance(x, str) or len(x) > MAX_LABEL_CHARS for x in labels)):
             raise FrameError("invalid_frame", f"`{where}.labels` must be at most {MAX_LABELS} short strings")
-        parsed.append(Attachment(
+        parsed.append(MessageAttachment(
             id=text("id", 128) or str(uuid.uuid4()),
             filename=text("filename", 512) or "attachment",
             mime_type=text("mimeType", 256),
@@ -84,7 +67,7 @@ def parse_attachments(value: Any, settings: Settings) -> tuple[Attachment, ...]:
             path=text("path", 1024),
             description=text("description"),
             ocr_text=text("ocrText"),
-            labels=tuple(labels),
+            labels=list(labels),
         ))
     return tuple(parsed)
 
@@ -132,3 +115,12 @@ def classification_text(text: str, notes: list[str]) -> str:
     if not notes:
         return text
     return text + "\n\n[Attachments]\n" + "".join(f"- {note}\n" for note in notes)
+
+
+def render_content(body: str | None, notes: Sequence[str] = ()) -> str:
+    """A message's text with its attachment notes, as the model reads it (the original's layout, §4.3)."""
+    body = (body or "").strip()
+    if not notes:
+        return body
+    block = ATTACHMENTS_HEADER + "".join(f"\n- {note}\n" for note in notes)
+    return (body + "\n\n\n\n" + block if body else block).strip()

@@ -24,11 +24,13 @@ import orjson
 
 from ..settings import Settings
 from ..store.keys import is_valid_id
-from ..store.records import MessageAttachment
-from .attachments import Attachment, parse_attachments
+from ..store.records import Message, MessageAttachment
+from .attachments import parse_attachments
 
 __all__ = [
-    "Cancel", "FrameError", "Ping", "PromptFrame", "Register", "done", "error", "parse_frame", "system",
+    "Cancel", "FrameError", "Ping", "PromptFrame", "Register", "ServerFrame", "cancel_ack", "chat_created",
+    "classifier_debug", "done", "error", "parse_frame", "pong", "registered", "summary", "summary_push", "token",
+    "vision_summary",
 ]
 
 #: Longest free-text identity field (session id, language).
@@ -65,15 +67,12 @@ class PromptFrame:
     device_hash: str
     text: str
     language: str | None = None
-    attachments: tuple[Attachment, ...] = ()
+    attachments: tuple[MessageAttachment, ...] = ()
     #: The model the client names (the web client wraps `"model": "mistral-7b-lora"` in `text`); a
     #: configured KTULHU_MODELS name picks it, anything else is the default model.
     model: str | None = None
     #: When the frame was read (time.perf_counter): where the request overhead metric starts.
     received: float = attrs.field(factory=time.perf_counter, eq=False)
-
-    def stored_attachments(self) -> list[MessageAttachment]:
-        return [a.stored() for a in self.attachments]
 
 
 @attrs.frozen
@@ -222,13 +221,55 @@ def _short(fields: dict[str, Any], name: str) -> str:
 # --- server frames -----------------------------------------------------------------------------
 
 
-def system(event: str, **fields: Any) -> dict[str, Any]:
-    return {"type": "system", "event": event, **fields}
+# Every frame the server sends on `/ws` (original §3.3, plus `request_id` and `chat_id` on each
+# prompt frame) and on `/chat-summary/ws` is built here.
+ServerFrame = dict[str, Any]
 
 
-def error(code: str, detail: str, *, request_id: str = "", chat_id: str = "") -> dict[str, Any]:
+def registered(frame: Register, history: list[dict[str, Any]], user_id: str | None) -> ServerFrame:
+    """The answer to `register`: the chat's recent history (`history_entry` shapes) and who signed in."""
+    reply: ServerFrame = {"type": "system", "event": "registered", "session_id": frame.session_id,
+                          "chat_id": frame.chat_id, "device_hash": frame.device_hash, "history": history}
+    if user_id is not None:
+        reply["user_id"] = user_id
+    return reply
+
+
+def cancel_ack(cancelled: list[str], request_id: str) -> ServerFrame:
+    """The prompts a `cancel` stopped (none, one, or all of the socket's when it named none)."""
+    ack: ServerFrame = {"type": "system", "event": "cancel_ack", "cancelled": cancelled}
+    if request_id:
+        ack["request_id"] = request_id
+    return ack
+
+
+def pong() -> ServerFrame:
+    return {"type": "pong"}
+
+
+def classifier_debug(request_id: str, chat_id: str, intent_result: dict[str, Any]) -> ServerFrame:
+    """The intent router's decision for a prompt, before its reply."""
+    return {"type": "classifier_debug", "intent_result": intent_result, "request_id": request_id, "chat_id": chat_id}
+
+
+def chat_created(request_id: str, chat_id: str) -> ServerFrame:
+    """The prompt named no chat (or one it may not use) and the server made `chat_id` for it."""
+    return {"type": "system", "event": "chat_created", "request_id": request_id, "chat_id": chat_id}
+
+
+def vision_summary(request_id: str, chat_id: str, notes: list[str]) -> ServerFrame:
+    """What the server noted of the prompt's attachments (the text the model is given about them)."""
+    return {"type": "vision_summary", "summary": "\n".join(notes), "request_id": request_id, "chat_id": chat_id}
+
+
+def token(request_id: str, chat_id: str, piece: str) -> ServerFrame:
+    """One streamed piece of a reply."""
+    return {"type": "assistant", "token": piece, "request_id": request_id, "chat_id": chat_id}
+
+
+def error(code: str, detail: str, *, request_id: str = "", chat_id: str = "") -> ServerFrame:
     """`message` keeps the original's machine-readable value (e.g. `server_busy`); `detail` says why."""
-    frame: dict[str, Any] = {"type": "error", "message": code, "detail": detail}
+    frame: ServerFrame = {"type": "error", "message": code, "detail": detail}
     if request_id:
         frame["request_id"] = request_id
     if chat_id:
@@ -236,10 +277,24 @@ def error(code: str, detail: str, *, request_id: str = "", chat_id: str = "") ->
     return frame
 
 
-def done(request_id: str, chat_id: str, reason: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
+def done(request_id: str, chat_id: str, reason: str, usage: dict[str, int] | None = None) -> ServerFrame:
     """The one frame that ends every prompt; `usage` (token counts) when the model ran."""
-    frame: dict[str, Any] = {"type": "assistant", "done": True, "request_id": request_id, "chat_id": chat_id,
-                             "reason": reason}
+    frame: ServerFrame = {"type": "assistant", "done": True, "request_id": request_id, "chat_id": chat_id,
+                          "reason": reason}
     if usage is not None:
         frame["usage"] = usage
     return frame
+
+
+def summary(message: Message, request_id: str = "") -> ServerFrame:
+    """A new chat title on `/ws` (original §3.3), plus the `request_id` of the exchange it followed."""
+    frame: ServerFrame = {"type": "summary", "chat_id": message.chat_id, "message_id": message.id,
+                          "role": "summary", "text": message.text, "ts": message.ts, "language": message.language}
+    if request_id:
+        frame["request_id"] = request_id
+    return frame
+
+
+def summary_push(message: Message) -> ServerFrame:
+    """A new chat title on `/chat-summary/ws` (the web client's contract)."""
+    return {"chat_id": message.chat_id, "summary": message.text, "ts": message.ts}

@@ -23,19 +23,6 @@ class SummaryEvent:
     #: The prompt whose exchange triggered the title ("" when unknown).
     request_id: str = ""
 
-    def push_frame(self) -> dict[str, object]:
-        """The `/chat-summary/ws` object (the web client's contract)."""
-        return {"chat_id": self.chat.id, "summary": self.message.text, "ts": self.message.ts}
-
-    def ws_frame(self) -> dict[str, object]:
-        """The `/ws` `summary` frame (original §3.3), plus `request_id`."""
-        m = self.message
-        frame: dict[str, object] = {"type": "summary", "chat_id": m.chat_id, "message_id": m.id,
-                                    "role": "summary", "text": m.text, "ts": m.ts, "language": m.language}
-        if self.request_id:
-            frame["request_id"] = self.request_id
-        return frame
-
 
 @attrs.define(eq=False)
 class _Subscriber:

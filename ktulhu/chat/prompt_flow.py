@@ -22,7 +22,8 @@ import trio
 from .. import metrics
 from ..auth import quota
 from ..auth.principal import Principal
-from ..engine.prompt import ChatMessage, render_content
+from ..auth.ratelimit import retry_after_s, spend
+from ..engine.prompt import ChatMessage
 from ..engine.request import EngineError, Generation
 from ..engine.sampling import SamplingParams
 from ..nurseries.runtime import Runtime
@@ -32,10 +33,10 @@ from ..prompts import system_prompt
 from ..router.result import IntentRoutingResult, default_result
 from ..router.routing import normalise_language
 from ..store.errors import StoreError
-from ..store.records import Chat, Message, MessageAttachment, now_ms
+from ..store.records import Chat, Message, now_ms
 from . import frames
 from .access import ChatForbidden, chat_for, may_use_chat
-from .attachments import attachment_notes, classification_text
+from .attachments import attachment_notes, classification_text, render_content
 from .frames import PromptFrame
 from .turns import Ticket
 
@@ -112,9 +113,6 @@ class _Reply:
     #: The assistant turn's id: checkpoints and the final save replace one record in place.
     assistant_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
 
-    def frame(self, **fields: Any) -> dict[str, Any]:
-        return {**fields, "request_id": self.request_id, "chat_id": self.chat_id}
-
     def assistant_message(self, meta: dict[str, Any]) -> Message:
         assert self.user_message is not None and self.generation is not None
         counts = self.generation.metrics
@@ -175,33 +173,31 @@ async def run_prompt(ctx: PromptContext, frame: PromptFrame, ticket: Ticket, sco
 async def _flow(ctx: PromptContext, frame: PromptFrame, reply: _Reply) -> str:
     runtime = ctx.runtime
     store = runtime.store
-    assert store is not None
     if frame.chat_id:
         try:
-            await chat_for(runtime, ctx.principal, frame.chat_id)
+            await chat_for(runtime.store, ctx.principal, frame.chat_id)
         except ChatForbidden as forbidden:
             raise Refused("chat_forbidden", str(forbidden)) from None
     await _admit(ctx, frame, reply)
 
-    stored_attachments = frame.stored_attachments()
-    notes = attachment_notes(stored_attachments)
+    notes = attachment_notes(frame.attachments)
     result = await _route(runtime, classification_text(frame.text, notes), frame.language)
-    await ctx.send(reply.frame(type="classifier_debug", intent_result=result.to_json()))
+    await ctx.send(frames.classifier_debug(reply.request_id, reply.chat_id, result.to_json()))
 
     chat, _ = await store.aio.ensure_chat_for_device(reply.chat_id, frame.device_hash or None,
                                                       user_id=ctx.principal.user_id)
     _check_access(ctx.principal, chat)  # someone else may have created it since the first check
     ctx.chats.add(chat.id)
     if chat.id != frame.chat_id:
-        await ctx.send(reply.frame(type="system", event="chat_created"))
+        await ctx.send(frames.chat_created(reply.request_id, reply.chat_id))
     if notes:
-        await ctx.send(reply.frame(type="vision_summary", summary="\n".join(notes)))
+        await ctx.send(frames.vision_summary(reply.request_id, reply.chat_id, notes))
 
     try:
         await runtime.turns.wait(reply.ticket)  # the chat's previous prompts have ended and are saved
     except PgWireError as failed:
         raise StoreError(f"the shared store cannot be reached: {failed}") from None
-    return await _generate(ctx, frame, reply, chat, result, stored_attachments)
+    return await _generate(ctx, frame, reply, chat, result, notes)
 
 
 def _check_access(principal: Principal, chat: Chat | None) -> None:
@@ -217,21 +213,16 @@ async def _admit(ctx: PromptContext, frame: PromptFrame, reply: _Reply) -> None:
     runtime = ctx.runtime
     settings = runtime.settings
     store = runtime.store
-    assert store is not None
     user = ctx.principal.user
     if ctx.principal.is_admin:
         return
     if user is None:
-        rate = settings.anon_rate
-        if not rate:
-            return
-        decision = await store.aio.take_rate_token("anon_ip", ctx.client, capacity=rate, refill_per_s=rate / 60)
-        if not decision.allowed:
-            seconds = max(1, round(decision.retry_after_ms / 1000))
-            raise Refused("rate_limited", f"too many messages; try again in {seconds} s or sign in")
+        decision = await spend(store, "anon_ip", ctx.client, settings.anon_rate)
+        if decision is not None and not decision.allowed:
+            raise Refused("rate_limited", f"too many messages; try again in {retry_after_s(decision)} s or sign in")
         return
     try:
-        reply.reservation = await quota.reserve(runtime, user)
+        reply.reservation = await quota.reserve(runtime.store, runtime.settings, user)
     except quota.UserGone:
         raise Refused("user_not_found", "the signed-in account no longer exists") from None
     except quota.QuotaExceeded:
@@ -240,9 +231,10 @@ async def _admit(ctx: PromptContext, frame: PromptFrame, reply: _Reply) -> None:
 
 
 async def _route(runtime: Runtime, text: str, language: str | None) -> IntentRoutingResult:
-    if runtime.router is None:
+    router = runtime.router.current
+    if router is None:
         return default_result(normalise_language(language), notes=("router not running",))
-    return await runtime.router.classify(text, language)
+    return await router.classify(text, language)
 
 
 def _left_on(history: list[Message]) -> tuple[str, int] | None:
@@ -270,25 +262,25 @@ def history_turns(history: list[Message]) -> list[ChatMessage]:
 
 
 async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat: Chat,
-                    result: IntentRoutingResult, attachments: list[MessageAttachment]) -> str:
+                    result: IntentRoutingResult, notes: list[str]) -> str:
     runtime = ctx.runtime
     store = runtime.store
-    engine = runtime.engine
-    assert store is not None
+    engine = runtime.engine.current
     if engine is None:
         raise Refused("server_busy", "the model is not loaded yet; try again shortly")
     settings = runtime.settings
     history = (await store.aio.list_messages_for_chat(chat.id, last=settings.history_messages)
                if settings.history_messages else [])
 
-    newest = render_content(frame.text, attachment_notes(attachments))
+    newest = render_content(frame.text, notes)
     messages = [ChatMessage("system", system_prompt(result, frame.language)),
                 *history_turns(history), ChatMessage("user", newest)]
     params = SamplingParams.defaults(settings)
     lease = None
     try:
-        if runtime.models is not None:  # a configured name picks its model; any other is the default
-            lease = await runtime.models.acquire(frame.model, strict=False)
+        pool = runtime.models.current
+        if pool is not None:  # a configured name picks its model; any other is the default
+            lease = await pool.acquire(frame.model, strict=False)
             engine = lease.engine
         reply.generation = await engine.chat(messages, params, chat_id=chat.id, left_on=_left_on(history))
     except ENGINE_REFUSALS as refused:
@@ -308,7 +300,7 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
         reply.user_message = await store.aio.save_message(Message(
             id=message_id, chat_id=chat.id, session_id=frame.session_id or None,
             user_id=ctx.principal.user_id, device_hash=frame.device_hash or None, role="user",
-            text=frame.text, language=result.language, attachments=attachments, ts=now_ms(),
+            text=frame.text, language=result.language, attachments=list(frame.attachments), ts=now_ms(),
             meta=result.message_meta(),
         ))
         await store.aio.touch_chat(chat.id, frame.device_hash or None)
@@ -316,7 +308,7 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
         try:
             async for piece in generation:
                 reply.parts.append(piece)
-                await ctx.send(reply.frame(type="assistant", token=piece))
+                await ctx.send(frames.token(reply.request_id, reply.chat_id, piece))
                 if trio.current_time() >= checkpoint_at:  # what a kill -9 would otherwise lose
                     await store.aio.save_message(reply.assistant_message(
                         {"finish_reason": "interrupted", "incomplete": True}), existing_chat_only=True)
@@ -331,7 +323,6 @@ async def _finish(ctx: PromptContext, reply: _Reply, reason: str) -> None:
     """Save the assistant turn (also a cancelled one), give back an unused quota unit, ask for a title."""
     runtime = ctx.runtime
     store = runtime.store
-    assert store is not None
     generation = reply.generation
     if generation is None or reply.user_message is None:
         if generation is not None:
@@ -351,6 +342,6 @@ async def _finish(ctx: PromptContext, reply: _Reply, reason: str) -> None:
     chat = None if saved is None else await store.aio.touch_chat(reply.chat_id, existing_chat_only=True)
     if chat is None:  # the chat was deleted while the reply was generated: it stays deleted
         return
-    summaries = runtime.summaries
+    summaries = runtime.summaries.current
     if text and summaries is not None and not (isinstance(chat.meta, dict) and chat.meta.get("has_summary")):
         summaries.request(reply.chat_id, reply.request_id)

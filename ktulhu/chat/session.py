@@ -31,7 +31,8 @@ import trio
 from ..auth.principal import AuthError, Principal, authenticate_bearer
 from ..logs import PromptAccessLog
 from ..nurseries.runtime import Runtime
-from ..store.records import to_dict
+from ..store.codec import to_dict
+from ..store.records import Message
 from . import frames
 from .access import ChatForbidden, chat_for
 from .frames import Cancel, FrameError, Ping, PromptFrame, Register, parse_frame
@@ -79,7 +80,7 @@ class ChatSession:
         self.runtime = runtime
         self.socket = socket
         self.ctx = PromptContext(runtime, principal, client, self._send, credential=credential)
-        self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any] | _Flushed](runtime.settings.ws_queue)
+        self._outbox_send, self._outbox = trio.open_memory_channel[frames.ServerFrame | _Flushed](runtime.settings.ws_queue)
         self._prompts: dict[str, _Running] = {}
         self._closing = False
         #: Set when the last prompt ends after shutdown began (no new prompt starts then).
@@ -103,7 +104,7 @@ class ChatSession:
         finally:
             self.access.end()
 
-    async def _send(self, frame: dict[str, Any]) -> None:
+    async def _send(self, frame: frames.ServerFrame) -> None:
         await self._outbox_send.send(frame)
 
     # --- the three long-lived tasks ----------------------------------------------------------
@@ -124,7 +125,7 @@ class ChatSession:
     async def _push_titles(self) -> None:
         with self.runtime.summary_hub.subscribe(lambda chat: chat.id in self.ctx.chats) as events:
             async for event in events:
-                await self._send(event.ws_frame())
+                await self._send(frames.summary(event.message, event.request_id))
 
     async def _stop_on_shutdown(self, prompts: trio.Nursery, session: trio.CancelScope) -> None:
         """On SIGTERM every prompt ends with its `done` (reason `shutting_down`), then the socket closes."""
@@ -165,37 +166,29 @@ class ChatSession:
             elif isinstance(frame, Cancel):
                 await self._cancel(frame)
             elif isinstance(frame, Ping):
-                await self._send({"type": "pong"})
+                await self._send(frames.pong())
 
     # --- frames ------------------------------------------------------------------------------
 
     async def _register(self, frame: Register) -> None:
         if frame.token is not None:
             try:
-                self.ctx.principal = await authenticate_bearer(self.runtime, frame.token)
+                self.ctx.principal = await authenticate_bearer(self.runtime.store, self.runtime.settings, frame.token)
                 self.ctx.credential = frame.token
             except AuthError as bad:
                 await self._send(frames.error(bad.code, bad.message))
-        reply: dict[str, Any] = frames.system(
-            "registered", session_id=frame.session_id, chat_id=frame.chat_id, device_hash=frame.device_hash)
+        history: list[Message] = []
         if frame.chat_id:
-            store = self.runtime.store
-            assert store is not None
             try:
-                await chat_for(self.runtime, self.principal, frame.chat_id)
+                await chat_for(self.runtime.store, self.principal, frame.chat_id)
             except ChatForbidden as forbidden:
                 await self._send(frames.error("chat_forbidden", str(forbidden), chat_id=frame.chat_id))
-                reply["history"] = []
             else:
                 limit = self.runtime.settings.register_history
-                history = await store.aio.list_messages_for_chat(frame.chat_id, last=limit) if limit else []
-                reply["history"] = [history_entry(m) for m in history]
+                if limit:
+                    history = await self.runtime.store.aio.list_messages_for_chat(frame.chat_id, last=limit)
                 self.ctx.chats.add(frame.chat_id)
-        else:
-            reply["history"] = []
-        if self.principal.user_id is not None:
-            reply["user_id"] = self.principal.user_id
-        await self._send(reply)
+        await self._send(frames.registered(frame, [history_entry(m) for m in history], self.principal.user_id))
 
     async def _start_prompt(self, prompts: trio.Nursery, frame: PromptFrame) -> None:
         rid = frame.request_id
@@ -211,7 +204,7 @@ class ChatSession:
             return
         if self.ctx.credential is not None:  # a key revoked or a user deleted since the socket opened
             try:
-                self.ctx.principal = await authenticate_bearer(self.runtime, self.ctx.credential)
+                self.ctx.principal = await authenticate_bearer(self.runtime.store, self.runtime.settings, self.ctx.credential)
             except AuthError as bad:
                 await self._send(frames.error(bad.code, bad.message, request_id=rid, chat_id=frame.chat_id))
                 await self._send(frames.done(rid, frame.chat_id, bad.code))
@@ -244,10 +237,7 @@ class ChatSession:
             targets = list(self._prompts)
         for rid in targets:
             self._prompts[rid].scope.cancel()
-        ack = frames.system("cancel_ack", cancelled=targets)
-        if frame.request_id:
-            ack["request_id"] = frame.request_id
-        await self._send(ack)
+        await self._send(frames.cancel_ack(targets, frame.request_id))
 
 
 def history_entry(message: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -18,11 +19,17 @@ import trio
 from ..engine.prompt import ChatMessage, ContextTooLong
 from ..engine.request import EngineError
 from ..engine.sampling import SamplingParams
-from ..nurseries.runtime import Runtime
+from ..nurseries.provided import Provided
 from ..router.routing import normalise_language
+from ..settings import Settings
 from ..store.errors import StoreError
 from ..store.records import Message
 from .hub import SummaryEvent, SummaryHub
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+    from ..engine.remote import RemoteEngine
+    from ..store import Store
 
 __all__ = ["SummaryWorker", "clean_title", "excerpt", "title_source", "wants_summary"]
 
@@ -35,7 +42,6 @@ SOURCE_MESSAGES = 6
 MAX_TOKENS = 24
 #: Longest wait for an idle engine before a title is made anyway.
 PATIENCE_S = 30.0
-POLL_S = 0.05
 GENERATION_TIMEOUT_S = 60.0
 #: Characters of the user messages a title is made from, all together: each message gives its head
 #: (a share of this), so one very long message cannot push the title prompt out of the context.
@@ -103,11 +109,17 @@ class SummaryWorker:
     """Makes titles one at a time. `request` never blocks: a full queue skips the title, and the
     next exchange of that chat asks again."""
 
-    def __init__(self, runtime: Runtime, hub: SummaryHub, *, capacity: int = 64) -> None:
-        self.runtime = runtime
+    def __init__(self, settings: Settings, store: Store, engine: Provided[Engine | RemoteEngine], hub: SummaryHub,
+                 *, capacity: int = 64) -> None:
+        self.settings = settings
+        self.store = store
+        #: The engine service's engine: titles wait for it, and for it to be idle.
+        self.engine = engine
         self.hub = hub
         self._send, self._receive = trio.open_memory_channel[_Job](capacity)
         self._pending: set[str] = set()
+        self._idle = trio.Event()
+        self._idle.set()
         self.made = 0
         self.failed = 0
 
@@ -119,11 +131,17 @@ class SummaryWorker:
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
         self._pending.add(chat_id)
+        if self._idle.is_set():
+            self._idle = trio.Event()
         return True
 
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    async def wait_idle(self) -> None:
+        """Return once every requested title is made (or failed): at once when none is pending."""
+        await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started({"queue": self._send.statistics().max_buffer_size})
@@ -136,20 +154,19 @@ class SummaryWorker:
                     log.warning("chat title failed: %s: %s", type(exc).__name__, exc)
                 finally:
                     self._pending.discard(job.chat_id)
+                    if not self._pending:
+                        self._idle.set()
 
-    async def _wait_for_idle_engine(self) -> None:
+    async def _idle_engine(self) -> Engine | RemoteEngine | None:
+        """The engine once nothing is generating or queued, or after `PATIENCE_S` whatever it is doing;
+        None when it is not running."""
         with trio.move_on_after(PATIENCE_S):
-            while True:
-                engine = self.runtime.engine
-                if engine is not None:
-                    stats = engine.stats()
-                    if stats.queue_depth == 0 and stats.busy_slots == 0:
-                        return
-                await trio.sleep(POLL_S)
+            engine = await self.engine.wait()
+            await engine.wait_idle()
+        return self.engine.current
 
     async def _make(self, job: _Job) -> None:
-        store = self.runtime.store
-        assert store is not None
+        store = self.store
         history = await store.aio.list_messages_for_chat(job.chat_id)
         if not wants_summary(history):
             return
@@ -157,12 +174,11 @@ class SummaryWorker:
         if not users:
             return
         language = next((normalise_language(m.language) for m in history if (m.language or "").strip()), None)
-        await self._wait_for_idle_engine()
-        engine = self.runtime.engine
+        engine = await self._idle_engine()
         if engine is None:
             return
         texts = [(m.text or "").strip() for m in users]
-        params = SamplingParams.defaults(self.runtime.settings, temperature=0.0, max_tokens=MAX_TOKENS)
+        params = SamplingParams.defaults(self.settings, temperature=0.0, max_tokens=MAX_TOKENS)
         budget = SOURCE_CHARS
         text: str | None = None
         with trio.move_on_after(GENERATION_TIMEOUT_S) as timer:

@@ -6,6 +6,7 @@
 
 `generate()` puts a request into a bounded memory channel (`KTULHU_QUEUE`); when it is full the
 caller gets `Busy` at once, nothing queued. A request waits there until a worker has a free slot.
+Every accepted generation is counted in flight until it ends (`wait_idle` awaits none being left).
 Chat prompts are rendered, tokenised and trimmed on worker threads (`build_prompt`, `chat`), at
 most `PROMPT_THREADS` at once, so a huge conversation never stalls the event loop.
 """
@@ -22,9 +23,10 @@ import llama_cpp
 import trio
 
 from ..settings import DEFAULT_TEMPLATE_FILE, Settings
+from .in_flight import InFlight
 from .model import Model
 from .prompt import DEFAULT_SYSTEM, ChatMessage, ContextTooLong, Prompt, PromptBuilder, PromptError
-from .request import Busy, EngineClosed, Finished, Generation
+from .request import Busy, EngineClosed, EngineEvents, Finished, Generation
 from .sampling import SamplingParams
 from .worker import DecodeWorker, WorkerStats, physical_cores
 
@@ -60,9 +62,12 @@ class EngineStats:
 class Engine:
     """Batched generation on one loaded model. Create it, then run `run` in a nursery."""
 
-    def __init__(self, model: Model, settings: Settings, *, prompt_builder: PromptBuilder | None = None) -> None:
+    def __init__(self, model: Model, settings: Settings, *, prompt_builder: PromptBuilder | None = None,
+                 events: EngineEvents = EngineEvents()) -> None:
         self.model = model
         self.settings = settings
+        #: Told of every step and every generation's end (the process's metrics when serving).
+        self.events = events
         self.n_ctx_seq = min(settings.ctx, model.info.n_ctx_train) if model.info.n_ctx_train > 0 else settings.ctx
         self.prompts = prompt_builder or _prompt_builder(model, settings)
         #: Bounds the worker threads building prompts (`build_prompt`).
@@ -71,6 +76,7 @@ class Engine:
         self._send, self._receive = trio.open_memory_channel[Generation](settings.queue)
         self._workers: list[DecodeWorker] = []
         self._running = False
+        self._in_flight = InFlight()
 
     # --- service ---------------------------------------------------------------------------------
 
@@ -85,7 +91,7 @@ class Engine:
                     worker = await trio.to_thread.run_sync(functools.partial(
                         DecodeWorker, self.model, n_slots=settings.n_slots, n_ctx_seq=self.n_ctx_seq,
                         n_threads=threads, trio_token=token, on_slot_free=slots_free.release,
-                        step_target_s=settings.step_target_ms / 1000,
+                        step_target_s=settings.step_target_ms / 1000, events=self.events,
                     ))
                     self._workers.append(worker)
                     nursery.start_soon(self._run_worker, worker, name=f"decode-{index}")
@@ -163,11 +169,14 @@ class Engine:
         n_vocab = self.model.info.n_vocab
         if any(not 0 <= t < n_vocab for t in tokens):
             raise PromptError(f"token ids must be from 0 to {n_vocab - 1}")
-        gen = Generation.create(tokens, params, chat_id)
+        gen = Generation.create(tokens, params, chat_id, self.events)
         try:
             self._send.send_nowait(gen)
         except trio.WouldBlock:
             raise Busy(f"the server is busy ({self.settings.queue} requests waiting); try again shortly") from None
+        # every way out ends the handle: finished, cancelled (queued or running), failed at close
+        self._in_flight.enter()
+        gen.when_finished(self._in_flight.leave)
         return gen
 
     async def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *,
@@ -218,6 +227,11 @@ class Engine:
 
     async def vocab_size(self) -> int:
         return self.model.info.n_vocab
+
+    async def wait_idle(self) -> None:
+        """Return once no generation is queued or running (at once if none is): background work
+        (chat titles) awaits this instead of polling `stats`."""
+        await self._in_flight.wait_idle()
 
     def drop_cache(self) -> None:
         """Free the KV cache of idle conversations (they prefill from scratch next time)."""

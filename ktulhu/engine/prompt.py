@@ -21,18 +21,15 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = [
-    "ATTACHMENTS_HEADER",
     "ChatMessage",
     "ContextTooLong",
     "DEFAULT_SYSTEM",
     "Prompt",
     "PromptBuilder",
     "PromptError",
-    "render_content",
 ]
 
 ROLES = ("system", "user", "assistant")
-ATTACHMENTS_HEADER = "[Attachments]\nUse the information below when it helps answer the user\u2019s message.\n"
 # Private-use characters delimit message text in the rendered template; they are removed from text.
 _OPEN, _CLOSE = "\ue000", "\ue001"
 #: The system prompt of a conversation that brings none (the same as chat_template.jinja's).
@@ -61,15 +58,6 @@ class ContextTooLong(PromptError):
 class ChatMessage:
     role: str = attrs.field(validator=attrs.validators.in_(ROLES))
     content: str = attrs.field(validator=attrs.validators.instance_of(str))
-
-
-def render_content(body: str | None, notes: Sequence[str] = ()) -> str:
-    """A message's text with its attachment notes, in the original's layout (original §4.3)."""
-    body = (body or "").strip()
-    if not notes:
-        return body
-    block = ATTACHMENTS_HEADER + "".join(f"\n- {note}\n" for note in notes)
-    return (body + "\n\n\n\n" + block if body else block).strip()
 
 
 @attrs.frozen

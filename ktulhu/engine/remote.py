@@ -11,6 +11,7 @@ a bounded FIFO, `Busy` beyond it), then starts the request's stream task in the 
 fails before any text (the worker is down, refuses the key, the prompt is too long) is raised by
 `chat()` itself, and a worker that fails then is ejected and the request tried on the next one.
 After that the task feeds the same `Generation` handle the local engine returns; it never raises.
+A request counts as in flight from its wait for a slot until its handle ends (`wait_idle`).
 
 `Generation.cancel()` (leaving `with`, a stop frame, a disconnect) sets the handle's cancel event;
 the stream task awaits it and closes the HTTP stream at once, and the worker stops generating for
@@ -35,8 +36,9 @@ import trio
 
 from ..settings import Settings
 from .engine import EngineStats
+from .in_flight import InFlight
 from .prompt import ChatMessage, ContextTooLong, PromptError
-from .request import Busy, EngineClosed, EngineError, Finished, Generation, TokenLogprob
+from .request import Busy, EngineClosed, EngineError, EngineEvents, Finished, Generation, TokenLogprob
 from .routing import Lease, Router, WorkerState
 from .sampling import SamplingParams
 
@@ -115,10 +117,13 @@ def prefix_key(messages: Sequence[ChatMessage]) -> str:
 class RemoteEngine:
     """`Engine`'s face (`chat`, `stats`, `drop_cache`) over `settings.workers`. Run `run` in a nursery."""
 
-    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
+                 events: EngineEvents = EngineEvents()) -> None:
         if not settings.workers:
             raise ValueError("remote mode needs at least one worker (KTULHU_WORKERS)")
         self.settings = settings
+        #: Told of every generation's end (the process's metrics when serving).
+        self.events = events
         self.workers = tuple(WorkerState(spec, spec.slots or settings.n_slots, model=spec.model)
                              for spec in settings.workers)
         self.router = Router(self.workers, settings.queue, affinity=settings.worker_affinity)
@@ -130,6 +135,7 @@ class RemoteEngine:
         self._affinity: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
         #: worker url -> its model's `meta` from `/v1/models` (None: it has none).
         self._meta: dict[str, dict[str, Any] | None] = {}
+        self._in_flight = InFlight()
 
     # --- service ---------------------------------------------------------------------------------
 
@@ -193,6 +199,11 @@ class RemoteEngine:
                 last_error_at=w.last_error_at, model=w.model,
             ) for w in self.workers),
         )
+
+    async def wait_idle(self) -> None:
+        """Return once no request waits for a slot or streams from a worker (at once if none
+        does): background work (chat titles) awaits this instead of polling `stats`."""
+        await self._in_flight.wait_idle()
 
     def drop_cache(self) -> None:
         """Nothing to free here: each worker manages its own prompt cache."""
@@ -276,7 +287,7 @@ class RemoteEngine:
         key = chat_id or prefix_key(messages)
         if chat_id is not None and left_on is not None:  # newer than what this front-end remembers when
             self._affinity[chat_id] = left_on            # another one served the chat's last turn
-        gen = Generation.create((), params, chat_id)
+        gen = Generation.create((), params, chat_id, self.events)
 
         def shrink(exceeded: _ContextExceeded) -> Callable[[WorkerState], bytes]:
             nonlocal messages
@@ -301,7 +312,7 @@ class RemoteEngine:
             raise PromptError("empty prompt")
         head = prompt[:4096] if isinstance(prompt, str) else ",".join(map(str, prompt[:1024]))
         key = chat_id or "prefix:" + hashlib.blake2b(head.encode("utf-8", "replace"), digest_size=12).hexdigest()
-        gen = Generation.create((), params, chat_id)
+        gen = Generation.create((), params, chat_id, self.events)
 
         def refuse(exceeded: _ContextExceeded) -> Callable[[WorkerState], bytes]:
             raise ContextTooLong((exceeded.n_prompt or 0) + params.max_tokens, exceeded.n_ctx or 0) from None
@@ -310,6 +321,19 @@ class RemoteEngine:
                                  lambda worker: self._body(worker, (), params, prompt=prompt), refuse)
 
     async def _place(self, gen: Generation, key: str, path: str, body: Callable[[WorkerState], bytes],
+                     shrink: Callable[[_ContextExceeded], Callable[[WorkerState], bytes]]) -> Generation:
+        """`_start` counted in flight: until `gen` ends once a worker took it (its stream task ends
+        it, whatever happens), else until `_start` gives up."""
+        self._in_flight.enter()
+        try:
+            return await self._start(gen, key, path, body, shrink)
+        finally:
+            if gen.metrics.worker is None:
+                self._in_flight.leave()
+            else:
+                gen.when_finished(self._in_flight.leave)
+
+    async def _start(self, gen: Generation, key: str, path: str, body: Callable[[WorkerState], bytes],
                      shrink: Callable[[_ContextExceeded], Callable[[WorkerState], bytes]]) -> Generation:
         """Lease a worker for `key`, start the stream of `body` to its `path`; on to the next worker
         when one fails, with `shrink`'s smaller body when the worker's context is too small."""

@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import trio
 
 from .sampling import SamplingParams
 
-__all__ = ["FINISH_OBSERVERS", "Busy", "EngineClosed", "EngineError", "Finished", "Generation", "RequestMetrics",
+__all__ = ["Busy", "EngineClosed", "EngineError", "EngineEvents", "Finished", "Generation", "RequestMetrics",
            "TokenLogprob"]
 
-#: Called on the trio thread, once per generation, with its `Finished` (metrics use it for the
-#: TTFT and inter-token histograms). An observer that raises is ignored: it must never break delivery.
-FINISH_OBSERVERS: list[Callable[["Finished"], None]] = []
+
+def _ignore(*_: object) -> None:
+    pass
 
 
-def _notify_finished(finished: "Finished") -> None:
-    for observer in tuple(FINISH_OBSERVERS):
+@attrs.frozen
+class EngineEvents:
+    """What an engine reports as it works, to whoever it was given to (the process's metrics when it
+    serves: `ktulhu.metrics.ENGINE_EVENTS`). An observer that raises is ignored: observing must
+    never break generation."""
+
+    #: Once per generation, on the trio thread, with its `Finished` (latencies, token counts).
+    finished: Callable[["Finished"], None] = _ignore
+    #: Once per batched step, on its decode thread: (sequences in the step, prompt tokens prefilled).
+    step: Callable[[int, int], None] = _ignore
+
+    def report(self, observer: Callable[..., None], *args: Any) -> None:
         try:
-            observer(finished)
+            observer(*args)
         except Exception:  # noqa: BLE001 - observability must not break generation
             pass
 
@@ -132,10 +143,13 @@ class Generation:
     _cancel_event: trio.Event = attrs.field(factory=trio.Event)
     #: Called once, on the trio thread, when the generation ends (`when_finished`).
     _on_finish: list[Callable[[], None]] = attrs.field(factory=list)
+    #: Told of the generation's end (`EngineEvents.finished`).
+    events: EngineEvents = EngineEvents()
 
     @classmethod
-    def create(cls, tokens: Sequence[int], params: SamplingParams, chat_id: str | None) -> "Generation":
-        return cls(tuple(tokens), params, chat_id, RequestMetrics(time.perf_counter(), len(tokens)))
+    def create(cls, tokens: Sequence[int], params: SamplingParams, chat_id: str | None,
+               events: EngineEvents = EngineEvents()) -> "Generation":
+        return cls(tuple(tokens), params, chat_id, RequestMetrics(time.perf_counter(), len(tokens)), events=events)
 
     # --- trio side ----------------------------------------------------------------------------
 
@@ -158,7 +172,7 @@ class Generation:
             self._on_finish.append(callback)
 
     def _ended(self, finished: Finished) -> None:
-        _notify_finished(finished)
+        self.events.report(self.events.finished, finished)
         callbacks, self._on_finish = self._on_finish, []
         for callback in callbacks:
             callback()

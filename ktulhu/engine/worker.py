@@ -1,17 +1,17 @@
 """One llama context and the decode thread that owns it: continuous batching over its slots.
 
 Every step packs one token for each sequence that is generating plus prefill chunks of new ones
-into one `llama_batch`. The prefill budget of a step (at most `n_batch` tokens) is sized from
-measured costs so that the step lasts about `step_target_s`: a long prompt delays running streams,
-and cancellations take effect, within one short step, on a CPU (slow prefill) as on a GPU (fast
-prefill, where the budget reaches `n_batch`). Then the step decodes it (the GIL is released
-inside llama.cpp), samples each sequence with its own sampler chain, and hands text to trio with
-`TrioToken.run_sync_soon`, which never blocks. A cancelled sequence is dropped at the start of the
-next step; a prefill step that contains it is interrupted (llama.cpp's abort callback) and redone
-without it. Finished sequences keep their KV cache: the next request whose prompt shares a prefix
-with a cached slot (a follow-up turn of the same chat) prefills only the new tokens, and a request
-that lands on another slot starts from a copy of the longest cached prefix (a system prompt shared
-across chats, a repeated API prompt) when that saves enough prefill.
+into one `llama_batch`. The prefill budget of a step (at most `n_batch` tokens) comes from the
+step-cost model (`step_cost.StepCost`, fed every measured step) so that the step lasts about
+`step_target_s`: a long prompt delays running streams, and cancellations take effect, within one
+short step. Then the step decodes it (the GIL is released inside llama.cpp), samples each sequence
+with its own sampler chain, and hands text to trio with `TrioToken.run_sync_soon`, which never
+blocks. A cancelled sequence is dropped at the start of the next step; a prefill step that contains
+it is interrupted (llama.cpp's abort callback) and redone without it. Finished sequences keep their
+KV cache, and the slot-reuse policy (`slot_choice`) decides where a new request goes: the slot
+whose cache shares a prefix with its prompt (a follow-up turn of the same chat), which then
+prefills only the new tokens; on another slot it starts from a copy of the longest cached prefix
+(a system prompt shared across chats, a repeated API prompt) when that saves enough prefill.
 """
 
 from __future__ import annotations
@@ -33,23 +33,16 @@ import trio
 from . import llama_log
 from .model import Model
 from .output import OutputFilter
-from .request import EngineClosed, EngineError, Finished, Generation, GrammarDeadEnd, TokenLogprob
+from .request import EngineClosed, EngineError, EngineEvents, Finished, Generation, GrammarDeadEnd, TokenLogprob
 from .sampling import TokenSampler, token_logprobs
+from .slot_choice import choose_slot, common_prefix, copy_source
+from .step_cost import MIN_PREFILL_CHUNK, StepCost
 
-__all__ = ["STEP_OBSERVERS", "DecodeWorker", "WorkerStats", "physical_cores"]
+__all__ = ["DecodeWorker", "WorkerStats", "physical_cores"]
 
 log = logging.getLogger("ktulhu.engine")
 IDLE_WAIT_S = 0.1  # bounded sleep of an idle decode thread between checks for work or stop
-# Smallest prefill chunk of a step: below ~64 tokens llama.cpp's CPU kernels cost about 30% more per
-# token (measured: 9.5 ms/token at 16, 7.2 ms/token at 64-512 with the default model on 2 cores).
-MIN_PREFILL_CHUNK = 64
-#: Prefill tokens a copy of another slot's KV must save to be worth a whole-stream copy.
-MIN_COPIED_TOKENS = 32
 LLAMA_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback stopped it
-EMA = 0.2  # weight of the newest measurement in the step-cost estimates
-#: Called on a decode thread after every step with (sequences in the batch, prompt tokens prefilled
-#: by it): metrics count steps and batch sizes. Must be cheap and thread-safe; one that raises is ignored.
-STEP_OBSERVERS: list[Callable[[int, int], None]] = []
 
 
 def physical_cores() -> int:
@@ -119,15 +112,13 @@ class DecodeWorker:
         on_slot_free: Callable[[], None],
         n_batch: int = 512,
         step_target_s: float = 0.1,
+        events: EngineEvents = EngineEvents(),
     ) -> None:
         self.model = model
+        #: Told of every step (`EngineEvents.step`, on this thread: cheap and thread-safe).
+        self.events = events
         self.n_slots = n_slots
         self.n_ctx_seq = n_ctx_seq
-        self.n_batch = n_batch
-        self.step_target_s = step_target_s
-        # cost estimates (seconds): a step of generating sequences only, one prefill token
-        self._decode_step_s = 0.0
-        self._prefill_token_s = 0.0
         self._trio_token = trio_token
         self._on_slot_free = on_slot_free
         params = llama_cpp.llama_context_default_params()
@@ -154,7 +145,8 @@ class DecodeWorker:
         self._drop_cache = False
         self.stopped = threading.Event()
         self._piece = ctypes.create_string_buffer(256)
-        self._calibrate()
+        #: Sizes each step's prefill: timed once here, so the first real step is sized right, then fed every step.
+        self.costs = StepCost.calibrate(self._time_calibration_step, n_batch=n_batch, step_target_s=step_target_s)
         # llama.cpp polls this between graph nodes of long (prefill) steps: a cancel stops the step
         self._watched: list[_Slot] = []
         self._abort_callback = llama_cpp.ggml_abort_callback(self._cancel_pending)
@@ -167,28 +159,24 @@ class DecodeWorker:
         #: Admissions that started from another slot's copied prefix (`_copy_longer_prefix`).
         self.prefix_copies = 0
 
-    def _calibrate(self) -> None:
-        """Measure a prefill chunk and a one-token step once, so the first real step is sized right."""
+    def _time_calibration_step(self, n_tokens: int) -> float:
+        """Seconds one step of `n_tokens` arbitrary tokens takes on slot 0 (left empty again)."""
         n_vocab = self.model.info.n_vocab
-        for n_tokens in (MIN_PREFILL_CHUNK, 1):
-            batch = self.batch
-            batch.n_tokens = 0
-            for k in range(n_tokens):
-                batch.token[k] = (k * 7919) % n_vocab
-                batch.pos[k] = k
-                batch.n_seq_id[k] = 1
-                batch.seq_id[k][0] = 0
-                batch.logits[k] = int(k == n_tokens - 1)
-            batch.n_tokens = n_tokens
-            started = time.perf_counter()
-            if llama_cpp.llama_decode(self.ctx, batch) != 0:
-                raise EngineError("the model failed to decode its calibration batch")
-            elapsed = time.perf_counter() - started
-            llama_cpp.llama_memory_seq_rm(self.mem, 0, -1, -1)
-            if n_tokens == 1:
-                self._decode_step_s = elapsed
-            else:
-                self._prefill_token_s = elapsed / n_tokens
+        batch = self.batch
+        batch.n_tokens = 0
+        for k in range(n_tokens):
+            batch.token[k] = (k * 7919) % n_vocab
+            batch.pos[k] = k
+            batch.n_seq_id[k] = 1
+            batch.seq_id[k][0] = 0
+            batch.logits[k] = int(k == n_tokens - 1)
+        batch.n_tokens = n_tokens
+        started = time.perf_counter()
+        if llama_cpp.llama_decode(self.ctx, batch) != 0:
+            raise EngineError("the model failed to decode its calibration batch")
+        elapsed = time.perf_counter() - started
+        llama_cpp.llama_memory_seq_rm(self.mem, 0, -1, -1)
+        return elapsed
 
     # --- called from trio ------------------------------------------------------------------------
 
@@ -266,7 +254,7 @@ class DecodeWorker:
             if not slot.pending:
                 self._add(slot, [slot.last_token], want_logits=True)
         generating = batch.n_tokens
-        budget = self._prefill_budget(generating)
+        budget = self.costs.prefill_budget(generating)
         prefilled = chunks = 0
         for slot in sorted(running, key=lambda s: s.gen.metrics.submitted):  # then prefill, oldest first
             room = budget - prefilled
@@ -295,17 +283,14 @@ class DecodeWorker:
             self._watched = []
         self._decode_s += elapsed
         # before any of its tokens is handed to trio: whoever sees a reply end sees its steps counted
-        for observer in STEP_OBSERVERS:  # an aborted step's chunks are prefilled again later: not counted
-            try:
-                observer(generating + chunks, 0 if rc else prefilled)
-            except Exception:  # noqa: BLE001 - observability must not break generation
-                pass
+        # an aborted step's chunks are prefilled again later: not counted
+        self.events.report(self.events.step, generating + chunks, 0 if rc else prefilled)
         if rc == LLAMA_DECODE_ABORTED:
             self._undo_step(running, prefilled)
         elif rc != 0:
             self._decode_failed(running, rc)
         else:
-            self._learn_costs(generating, prefilled, elapsed)
+            self.costs.learn(generating, prefilled, elapsed)
             now = time.perf_counter()
             for slot in running:
                 if slot.batch_index is not None:
@@ -313,19 +298,6 @@ class DecodeWorker:
         self._steps += 1
         self._step_s += time.perf_counter() - started
         return True
-
-    def _prefill_budget(self, generating: int) -> int:
-        """Prefill tokens that keep a step with `generating` streams near `step_target_s`."""
-        room = self.n_batch - generating
-        spare = self.step_target_s - (self._decode_step_s if generating else 0.0)
-        return max(MIN_PREFILL_CHUNK, min(room, int(spare / max(self._prefill_token_s, 1e-7))))
-
-    def _learn_costs(self, generating: int, prefilled: int, elapsed: float) -> None:
-        if prefilled == 0:
-            self._decode_step_s += EMA * (elapsed - self._decode_step_s)
-            return
-        per_token = max(elapsed - (self._decode_step_s if generating else 0.0), 0.0) / prefilled
-        self._prefill_token_s += EMA * (per_token - self._prefill_token_s)
 
     def _cancel_pending(self, _data: object) -> bool:
         return any(slot.gen is not None and slot.gen.cancelled for slot in self._watched)
@@ -371,9 +343,10 @@ class DecodeWorker:
             self._call_trio(gen.fail, EngineError(str(error)))
             self._call_trio(self._on_slot_free)
             return
-        slot = self._choose_slot(prompt, gen.chat_id)
-        self._copy_longer_prefix(slot, prompt)
-        reuse = _common_prefix(slot.cached, prompt)
+        idle = [s for s in self.slots if s.gen is None]
+        slot = choose_slot(idle, prompt, gen.chat_id)
+        self._copy_longer_prefix(slot, idle, prompt)
+        reuse = common_prefix(slot.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is decoded again for its logits
         if reuse < len(slot.cached):
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, reuse, -1):
@@ -391,45 +364,17 @@ class DecodeWorker:
         gen.metrics.cached_tokens = reuse
         gen.metrics.own_cached_tokens = reuse if own else 0
 
-    def _choose_slot(self, prompt: list[int], chat_id: str | None) -> _Slot:
-        """A free slot for `prompt`, losing as little cached work as possible.
-
-        1. the slot of the same chat, or one whose whole cache is a prefix of the prompt (a
-           follow-up turn): the longest common prefix wins;
-        2. else an empty slot;
-        3. else the least recently used idle slot is evicted (a shared system prompt alone is not
-           worth evicting another conversation's cache).
-        """
-        free = [s for s in self.slots if s.gen is None]
-        affine = []
-        for slot in free:
-            common = _common_prefix(slot.cached, prompt)
-            if slot.cached and (common == len(slot.cached) or (chat_id is not None and slot.chat_id == chat_id)):
-                affine.append((common, slot.last_used, slot))
-        if affine:
-            return max(affine, key=lambda entry: entry[:2])[2]
-        empty = [s for s in free if not s.cached]
-        if empty:
-            return empty[0]
-        return min(free, key=lambda s: s.last_used)
-
-    def _copy_longer_prefix(self, slot: _Slot, prompt: list[int]) -> None:
-        """When another idle slot holds a longer prefix of `prompt` (a system prompt shared across
-        chats, a repeated API prompt, a regenerated reply) than `slot`, copy that KV into `slot`
-        rather than prefill it again; the other slot keeps its cache.
+    def _copy_longer_prefix(self, slot: _Slot, idle: list[_Slot], prompt: list[int]) -> None:
+        """When another slot of `idle` holds a prefix of `prompt` long enough to pay (`copy_source`: a
+        system prompt shared across chats, a repeated API prompt, a regenerated reply), copy that KV
+        into `slot` rather than prefill it again; the other slot keeps its cache.
 
         Each sequence has its own KV stream, which llama.cpp copies whole (at the next decode, before
-        that decode writes anything); the copy is then cut to the shared prefix. It costs about one
-        memcpy of a slot's KV, so it is done only when it saves `MIN_COPIED_TOKENS` of prefill."""
-        have = _common_prefix(slot.cached, prompt)
-        best, donor = have + MIN_COPIED_TOKENS - 1, None
-        for other in self.slots:
-            if other is not slot and other.gen is None and other.cached:
-                common = _common_prefix(other.cached, prompt)
-                if common > best:
-                    best, donor = common, other
-        if donor is None:
+        that decode writes anything); the copy is then cut to the shared prefix."""
+        source = copy_source(slot, idle, prompt)
+        if source is None:
             return
+        donor, best = source
         llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.mem, donor.sid, slot.sid, -1, -1)
         if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, best, -1):
@@ -533,11 +478,3 @@ def _covering(entries: list[TokenLogprob], text: str) -> list[TokenLogprob]:
         kept.append(entry)
         need -= len(entry.data)
     return kept
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -21,7 +21,8 @@ from ..auth.admin import check_admin
 from ..auth.quota import generation_limit
 from ..metrics import engine_panel, remote_workers
 from ..nurseries.runtime import Runtime
-from ..store.records import Message, User, to_dict
+from ..store.codec import to_dict
+from ..store.records import Message, User
 from .cors import refuse_cross_site_admin
 from .errors import check_path_id, json_body, json_response, query_limit, raise_error
 from .identity import client_address
@@ -44,7 +45,9 @@ def require_admin(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         refuse_cross_site_admin()
-        check = await check_admin(current_runtime(), request.headers.get("Authorization"), client_address())
+        runtime = current_runtime()
+        check = await check_admin(runtime.store, runtime.settings, request.headers.get("Authorization"),
+                                  client_address())
         if check.status == 401:
             raise_error(401, "unauthorized", check.message or "unauthorized",
                         {"WWW-Authenticate": 'Basic realm="Internal"'})
@@ -111,7 +114,8 @@ def _message_json(message: Message) -> dict[str, Any]:
 @require_admin
 async def overview_page() -> Response:
     runtime = current_runtime()
-    workers = remote_workers(runtime.engine.stats()) if runtime.engine is not None else []
+    engine = runtime.engine.current
+    workers = remote_workers(engine.stats()) if engine is not None else []
     return render_page("admin/overview.html", page="overview", title="Overview", workers=workers)
 
 

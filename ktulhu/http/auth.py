@@ -94,14 +94,12 @@ def _refuse_if_empty(peek: RateDecision | None, rate: int) -> None:
 
 def _store() -> Store:
     store = current_runtime().store
-    assert store is not None
     return store
 
 
 async def _signed_in(user: User, device_hash: str | None) -> Response:
     runtime = current_runtime()
     if device_hash is not None:
-        assert runtime.store is not None
         await runtime.store.aio.add_device_for_user(user.id, device_hash)
     token = issue_token(runtime.settings, user.id)
     return json_response({"jwt": token, "user_id": user.id, "email": user.email})
@@ -137,7 +135,7 @@ async def register() -> Response:
     # Recorded always; whether the pool limits anything is decided at each generation (the setting).
     pool = hashed_subject("free_pool", address)
     try:
-        user = await create_email_user(runtime, email, await hash_password(body["password"]), pool=pool)
+        user = await create_email_user(runtime.store, email, await hash_password(body["password"]), pool=pool)
     except EmailTaken:
         await spend(store, "login_ip", address, rate)
         raise Problem(400, "email_taken", "Email already registered") from None
@@ -165,7 +163,7 @@ async def login() -> Response:
         _refuse_if_empty(pair_left, rate)
     password = body["password"]
     usable = valid_email(email) and 0 < len(password) <= MAX_PASSWORD
-    user = await email_login(runtime, email if usable else "", password if usable else "")
+    user = await email_login(runtime.store, email if usable else "", password if usable else "")
     if user is None:
         await spend(store, "login_email", pair, rate)
         raise Problem(401, "invalid_credentials", _INVALID)
@@ -228,7 +226,7 @@ async def _oauth(provider: oidc.Provider) -> Response:
         log.warning("%s signing keys unavailable: %s", provider.title, exc)
         raise Problem(502, "jwks_unavailable",
                       f"{provider.title}'s signing keys could not be fetched; try again shortly ({exc})") from None
-    user = await oauth_user(runtime, token)
+    user = await oauth_user(runtime.store, token)
     return await _signed_in(user, device_hash)
 
 

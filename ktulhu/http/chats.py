@@ -21,9 +21,10 @@ from ..auth.principal import Principal
 from ..chat.access import ChatForbidden, chat_for, listable_chats, lists_everything
 from ..chat.hub import SummaryEvent
 from ..store import Store
+from ..store.codec import to_dict
 from ..store.errors import CorruptRecord
 from ..store.keys import is_valid_id
-from ..store.records import Chat, to_dict
+from ..store.records import Chat
 from .errors import check_path_id, json_body, json_response, raise_error
 from .identity import request_principal
 
@@ -49,7 +50,7 @@ async def _chat_for(chat_id: str) -> tuple[Principal, Chat | None]:
     check_path_id(chat_id, "chat id")
     principal = await request_principal()
     try:
-        return principal, await chat_for(current_runtime(), principal, chat_id)
+        return principal, await chat_for(current_runtime().store, principal, chat_id)
     except ChatForbidden as forbidden:
         raise_error(403, "chat_forbidden", str(forbidden))
 
@@ -131,10 +132,10 @@ async def _device_chats(device_hash: str) -> list[Chat]:
     check_path_id(device_hash, "device hash")
     principal = await request_principal()
     runtime = current_runtime()
-    if principal.user_id is None and not lists_everything(runtime, principal):
+    if principal.user_id is None and not lists_everything(runtime.settings, principal):
         raise_error(401, "login_required", "listing a device's chats needs a signed-in user (their own chats "
                                            "on it) or admin credentials")
-    return listable_chats(runtime, principal, await _store().aio.list_chats_for_device(device_hash))
+    return listable_chats(runtime.settings, principal, await _store().aio.list_chats_for_device(device_hash))
 
 
 @blueprint.get("/internal/chats/by-device/<device_hash>")
@@ -169,7 +170,7 @@ async def chats_by_user(user_id: str) -> Response:
     # the original's definition (owned plus the chats of the user's devices) is the admin's view;
     # a user sees the chats they own: a device they signed in on proves nothing about its chats
     store = _store()
-    if lists_everything(current_runtime(), principal):
+    if lists_everything(current_runtime().settings, principal):
         chats = await store.aio.list_chats_for_user(user_id)
     else:
         chats = await store.aio.list_chats_owned_by(user_id)

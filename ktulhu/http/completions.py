@@ -19,11 +19,10 @@ from contextlib import aclosing
 from typing import Any
 
 import attrs
-import orjson
 from quart import Blueprint, Response
 
 from ..api.caller import authenticate
-from ..api.generation import PaidGeneration, begin, sse_response
+from ..api.generation import PaidGeneration, begin, sse_event, sse_response
 from ..api.problems import Problem
 from ..app_state import current_runtime
 from ..engine.sampling import SamplingParams
@@ -150,28 +149,17 @@ async def completions() -> Response:
 
 def _chunk(meta: dict[str, Any], text: str, finish: str | None) -> bytes:
     choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-    return b"data: " + orjson.dumps({**meta, "choices": [choice], "system_fingerprint": None}) + b"\n\n"
+    return sse_event({**meta, "choices": [choice], "system_fingerprint": None})
 
 
-async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
-    """`data: {chunk}` events with the text, a last one with the finish reason, an optional usage
-    chunk, then `data: [DONE]`; a reply that did not finish ends with an `error` event instead of a
-    finish reason (as the chat route's stream)."""
-    with paid:
-        try:
-            async with aclosing(paid.pieces()) as pieces:
-                async for piece in pieces:
-                    yield _chunk(meta, piece, None)
-            finish = openai._finish_reason(paid)
-        except Problem as problem:
-            yield openai._error_event(problem.status, problem.code, problem.message, problem.param)
-            return
-        except Exception:  # noqa: BLE001 - a bug must end the stream as an error, not as a short reply
-            openai.log.exception("OpenAI-compatible completion stream failed")
-            yield openai._error_event(500, "internal_error", "the request failed on the server; it has been logged")
-            return
-        yield _chunk(meta, "", finish)
-        if include_usage:
-            usage = {**meta, "choices": [], "usage": paid.usage, "system_fingerprint": None}
-            yield b"data: " + orjson.dumps(usage) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    """Chunks with the text, a last one with the finish reason, as an `openai.event_stream`."""
+    return openai.event_stream(paid, _chunks(paid, meta),
+                               {**meta, "system_fingerprint": None} if include_usage else None)
+
+
+async def _chunks(paid: PaidGeneration, meta: dict[str, Any]) -> AsyncIterator[bytes]:
+    async with aclosing(paid.pieces()) as pieces:
+        async for piece in pieces:
+            yield _chunk(meta, piece, None)
+    yield _chunk(meta, "", openai._finish_reason(paid))

@@ -24,10 +24,12 @@ import trio
 from quart import Blueprint, Response
 
 from ..api.caller import authenticate
+from ..api.generation import running
 from ..api.problems import Problem
 from ..app_state import current_runtime
 from ..engine.embeddings import CannotEmbed, EmbeddingInputError, Embeddings
-from ..engine.request import Busy, EngineClosed, EngineError
+from ..engine.request import EngineError
+from ..refusals import http_problem
 from . import openai
 from .errors import json_body
 
@@ -149,11 +151,8 @@ async def embeddings() -> Response:
     await authenticate()
     runtime = current_runtime()
     body = await json_body({}, max_bytes=openai.MAX_BODY)
-    embedder = runtime.embedder
-    if embedder is None or runtime.shutting_down.is_set():
-        parse_embeddings(body)  # a bad body is the caller's to fix whatever the engine's state
-        raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
-                      headers={"Retry-After": "5"})
+    parse_embeddings(body)  # a bad body is the caller's to fix whatever the engine's state
+    embedder = running(runtime, runtime.embedder)
     try:
         request = parse_embeddings(body, n_vocab=await embedder.vocab_size())
         result = await embedder.embed(request.inputs, dimensions=request.dimensions)
@@ -161,11 +160,7 @@ async def embeddings() -> Response:
         raise Problem(400, exc.code, str(exc), param=exc.param) from None
     except CannotEmbed as exc:
         raise Problem(400, "model_cannot_embed", str(exc), param="model") from None
-    except Busy as exc:
-        raise Problem(503, "server_busy", str(exc), headers={"Retry-After": "1"}) from None
-    except EngineClosed as exc:
-        raise Problem(503, "engine_unavailable", str(exc), headers={"Retry-After": "5"}) from None
     except EngineError as exc:
-        raise Problem(502, "embedding_failed", str(exc) or "the embeddings could not be computed") from None
+        raise http_problem(exc, "input", task="embedding") from None
     payload = await trio.to_thread.run_sync(_answer, result, request.base64)
     return Response(payload, status=200, content_type="application/json")

@@ -15,11 +15,12 @@ import orjson
 from quart import Response, request
 from werkzeug.exceptions import HTTPException
 
+from ..nurseries.provided import NotRunning
 from ..store.errors import StoreError
 from ..store.keys import is_valid_id
 
 __all__ = ["ApiError", "FieldSpec", "check_path_id", "framework_error", "json_body", "json_error", "json_response",
-           "query_limit", "raise_error", "store_unavailable"]
+           "not_running", "query_limit", "raise_error", "store_unavailable"]
 
 #: Largest JSON body any route accepts unless it says otherwise.
 MAX_BODY_BYTES = 1 << 20
@@ -82,6 +83,11 @@ def store_unavailable(error: StoreError) -> Response:
     """The store refused a write (disk full, I/O error) and is being reopened: try again shortly."""
     return json_error(503, "store_unavailable", f"the chat store cannot be used right now: {error}",
                       headers={"Retry-After": "5"})
+
+
+def not_running(error: NotRunning) -> Response:
+    """A service the request needs is not running yet (or any more): try again shortly."""
+    return json_error(503, "service_unavailable", str(error), headers={"Retry-After": "5"})
 
 
 def _too_large(max_bytes: int) -> NoReturn:

@@ -25,6 +25,7 @@ from ..auth.api_keys import MAX_LIVE_KEYS, TooManyKeys, create_key, list_keys, r
 from ..auth.quota import usage
 from ..engine.prompt import ChatMessage
 from ..engine.sampling import SamplingParams
+from ..settings import Settings
 from ..store.errors import StoreError
 from ..store.records import ApiKey, User
 from .errors import ApiError, framework_error, json_body, json_error, json_response, store_unavailable
@@ -122,21 +123,23 @@ async def generate() -> Response:
         "language": route.language if route is not None else language,
     }
     if body.get("stream"):
-        return sse_response(_stream(paid, head, caller.user), paid)
+        return sse_response(_stream(settings, paid, head, caller.user), paid)
     with paid:
         output = (await paid.text()).strip()
-    return json_response(_result(head, paid, output, caller.user))
+    return json_response(_result(settings, head, paid, output, caller.user))
 
 
-def _result(head: dict[str, Any], paid: PaidGeneration, output: str, user: User) -> dict[str, Any]:
+def _result(settings: Settings, head: dict[str, Any], paid: PaidGeneration, output: str, user: User
+            ) -> dict[str, Any]:
     # (also called from the SSE body, which runs outside the app context)
-    counts = usage(paid.reservation.runtime.settings, user, paid.generation_count)
+    counts = usage(settings, user, paid.generation_count)
     return {**head, "output": output, "finish_reason": paid.finish_reason,
             "generation_count": counts["generation_count"], "generation_limit": counts["generation_limit"],
             "generations_remaining": counts["generations_remaining"]}
 
 
-async def _stream(paid: PaidGeneration, head: dict[str, Any], user: User) -> AsyncIterator[bytes]:
+async def _stream(settings: Settings, paid: PaidGeneration, head: dict[str, Any], user: User
+                  ) -> AsyncIterator[bytes]:
     """`start`, then `token` events, then `done` (the non-streaming answer) or `error`."""
     with paid:
         yield sse_event(head, "start")
@@ -150,7 +153,7 @@ async def _stream(paid: PaidGeneration, head: dict[str, Any], user: User) -> Asy
             yield sse_event({"request_id": head["request_id"], "error": problem.code, "message": problem.message},
                             "error")
             return
-        yield sse_event(_result(head, paid, "".join(parts).strip(), user), "done")
+        yield sse_event(_result(settings, head, paid, "".join(parts).strip(), user), "done")
 
 
 # --- profile and usage ----------------------------------------------------------------------------
@@ -198,7 +201,6 @@ async def create_api_key() -> Response:
     if name is not None and (len(name) > MAX_KEY_NAME or any(ord(c) < 32 for c in name)):
         raise Problem(422, "invalid_body", f"`name` must be at most {MAX_KEY_NAME} printable characters")
     store = current_runtime().store
-    assert store is not None
     try:
         record, key = await store.aio.run(create_key, store, caller.user.id, name, limit=MAX_LIVE_KEYS)
     except TooManyKeys as exc:
@@ -210,7 +212,6 @@ async def create_api_key() -> Response:
 async def list_api_keys() -> Response:
     caller = await _jwt_caller()
     store = current_runtime().store
-    assert store is not None
     records = await store.aio.run(list_keys, store, caller.user.id)
     return json_response({"keys": [_key_json(r) for r in records]})
 
@@ -219,7 +220,6 @@ async def list_api_keys() -> Response:
 async def revoke_api_key(key_id: str) -> Response:
     caller = await _jwt_caller()
     store = current_runtime().store
-    assert store is not None
     record = await store.aio.run(revoke_key, store, caller.user.id, key_id)
     if record is None:
         raise Problem(404, "key_not_found", "you have no API key with this id")
@@ -241,7 +241,6 @@ async def _credential_pair() -> tuple[str, str]:
 
 async def _store_pair(user_id: str, api_key: str, api_secret: str) -> None:
     store = current_runtime().store
-    assert store is not None
     key_hash, secret_hash = await legacy_credentials.hash_pair(api_key, api_secret)
 
     def change(user: User) -> User:
@@ -258,7 +257,6 @@ async def generate_credentials() -> Response:
     It replaces the pair made by an earlier call (that key is revoked)."""
     caller = await _jwt_caller()
     store = current_runtime().store
-    assert store is not None
     await store.aio.run(revoke_all_keys, store, caller.user.id, legacy_only=True)
     try:
         _, key = await store.aio.run(create_key, store, caller.user.id, "credentials", legacy=True,

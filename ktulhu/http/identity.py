@@ -25,7 +25,7 @@ async def request_principal() -> Principal:
         return ANONYMOUS
     if header.strip().lower().startswith("basic "):
         refuse_cross_site_admin()
-        check = await check_admin(runtime, header, client_address())
+        check = await check_admin(runtime.store, runtime.settings, header, client_address())
         if not check.ok:
             headers = {"WWW-Authenticate": 'Basic realm="Internal"'} if check.status == 401 else (
                 {"Retry-After": str(check.retry_after)} if check.retry_after else None)
@@ -35,7 +35,7 @@ async def request_principal() -> Principal:
     try:
         credential = bearer_token(header)
         assert credential is not None
-        return await authenticate_bearer(runtime, credential)
+        return await authenticate_bearer(runtime.store, runtime.settings, credential)
     except AuthError as exc:
         raise_error(401, exc.code, exc.message)
 
@@ -51,4 +51,5 @@ async def websocket_principal() -> Principal:
     credential = websocket_credential()
     if credential is None:
         return ANONYMOUS
-    return await authenticate_bearer(current_runtime(), credential)
+    runtime = current_runtime()
+    return await authenticate_bearer(runtime.store, runtime.settings, credential)

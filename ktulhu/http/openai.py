@@ -30,13 +30,12 @@ from contextlib import aclosing
 from typing import Any
 
 import attrs
-import orjson
 import trio
 from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
 
 from ..api.caller import authenticate
-from ..api.generation import PaidGeneration, begin, sse_response
+from ..api.generation import SSE_DONE, PaidGeneration, begin, sse_event, sse_response
 from ..api.problems import Problem
 from ..api.tool_calls import ToolPlan, assistant_calls, parse_tools, tool_result
 from ..app_state import current_runtime
@@ -430,7 +429,7 @@ def _params(body: dict[str, Any], settings: Settings, n_vocab: int | None) -> Sa
 
 def _vocab_size(runtime: Runtime) -> int | None:
     """The local model's vocabulary size (None in remote mode, or while no engine runs)."""
-    model = getattr(runtime.engine, "model", None)
+    model = getattr(runtime.engine.current, "model", None)
     info = getattr(model, "info", None)
     return getattr(info, "n_vocab", None)
 
@@ -454,7 +453,7 @@ def model_name() -> str:
 @blueprint.get("/models")
 async def models() -> Response:
     await authenticate()
-    pool = current_runtime().models
+    pool = current_runtime().models.current
     if pool is not None:
         return json_response({"object": "list", "data": [await _pool_card(entry) for entry in pool.describe()]})
     return json_response({"object": "list", "data": [await _model_card()]})
@@ -463,7 +462,7 @@ async def models() -> Response:
 @blueprint.get("/models/<path:model_id>")
 async def model(model_id: str) -> Response:
     await authenticate()
-    pool = current_runtime().models
+    pool = current_runtime().models.current
     if pool is not None:
         entry = next((e for e in pool.describe() if e["name"] == model_id), None)
         if entry is None:
@@ -510,7 +509,7 @@ async def _context_size(runtime: Runtime) -> dict[str, Any]:
     """The context a request may fill, as vLLM (`max_model_len`) and llama-server (`meta`) say it:
     the local engine's slot; in remote mode what the first healthy worker's `/v1/models` says.
     Nothing while no engine runs."""
-    engine = runtime.engine
+    engine = runtime.engine.current
     model = getattr(engine, "model", None)
     if model is not None:  # the local engine
         info = model.info
@@ -589,45 +588,32 @@ def _finish_reason(paid: PaidGeneration) -> str:
 def _error_event(status: int, code: str | None, message: str, param: str | None = None) -> bytes:
     """OpenAI's mid-stream error: `data: {"error": {...}}`, then `data: [DONE]`."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    error = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
+    return sse_event({"error": {"message": message, "type": kind, "param": param, "code": code}}) + SSE_DONE
 
 
 def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None,
            logprobs: dict[str, Any] | None = None) -> bytes:
-    payload = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
-               "model": meta["model"], "system_fingerprint": None,
-               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    return sse_event({**_chunk_head(meta),
+                      "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
 
-async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool,
-                  tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
-    """`data: {chunk}` events (role first, then content deltas, then the finish reason), an
-    optional usage chunk, then `data: [DONE]`. A reply that did not finish (an engine failure, a
-    generation the server stopped) has no finish reason: it ends with an `error` object event
-    (typed like the HTTP error it would have been: a grammar no token completes is the request's
-    fault, `invalid_request_error`; the headers left when the request was admitted), then `[DONE]`.
-    With `tools`, the reply's JSON is read whole first: its tool call (or text) comes at the end."""
+def _chunk_head(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"], "model": meta["model"],
+            "system_fingerprint": None}
+
+
+async def event_stream(paid: PaidGeneration, events: AsyncIterator[bytes],
+                       usage_head: dict[str, Any] | None) -> AsyncIterator[bytes]:
+    """How every OpenAI stream ends: after `events` (the chunks, the last one with the finish reason)
+    an optional usage chunk (`usage_head` plus `usage`, `choices` empty), then `data: [DONE]`. A
+    reply that did not finish (an engine failure, a generation the server stopped: `events` raises
+    `Problem`) has no finish reason: it ends with an `error` object event (typed like the HTTP error
+    it would have been; the headers left when the request was admitted), then `[DONE]`."""
     with paid:
-        yield _chunk(meta, {"role": "assistant", "content": None if tools else ""}, None)
-        buffered: list[str] = []
         try:
-            async with aclosing(paid.pieces()) as pieces:
-                async for piece in pieces:
-                    if tools is not None:
-                        buffered.append(piece)
-                        continue
-                    yield _chunk(meta, {"content": piece}, None, _logprobs(paid, paid.generation.take_logprobs()))
-            rest = paid.generation.take_logprobs()  # tokens that added no visible text at the end
-            if rest:
-                yield _chunk(meta, {"content": ""}, None, _logprobs(paid, rest))
-            finish = _finish_reason(paid)
-            if tools is not None:
-                reply = tools.reply("".join(buffered), finish)
-                for delta in reply.deltas():
-                    yield _chunk(meta, delta, None)
-                finish = reply.finish_reason
+            async with aclosing(events) as inner:
+                async for event in inner:
+                    yield event
         except Problem as problem:
             yield _error_event(problem.status, problem.code, problem.message, problem.param)
             return
@@ -635,9 +621,36 @@ async def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: boo
             log.exception("OpenAI-compatible stream failed")
             yield _error_event(500, "internal_error", "the request failed on the server; it has been logged")
             return
-        yield _chunk(meta, {}, finish)
-        if include_usage:
-            usage = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
-                     "model": meta["model"], "system_fingerprint": None, "choices": [], "usage": paid.usage}
-            yield b"data: " + orjson.dumps(usage) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+        if usage_head is not None:
+            yield sse_event({**usage_head, "choices": [], "usage": paid.usage})
+        yield SSE_DONE
+
+
+def _stream(paid: PaidGeneration, meta: dict[str, Any], include_usage: bool,
+            tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
+    """The chat completion chunks as an `event_stream`."""
+    return event_stream(paid, _chunks(paid, meta, tools), _chunk_head(meta) if include_usage else None)
+
+
+async def _chunks(paid: PaidGeneration, meta: dict[str, Any], tools: ToolPlan | None) -> AsyncIterator[bytes]:
+    """Role first, then content deltas, then the finish reason (a grammar no token completes is the
+    request's fault: `invalid_request_error`). With `tools`, the reply's JSON is read whole first:
+    its tool call (or text) comes at the end."""
+    yield _chunk(meta, {"role": "assistant", "content": None if tools else ""}, None)
+    buffered: list[str] = []
+    async with aclosing(paid.pieces()) as pieces:
+        async for piece in pieces:
+            if tools is not None:
+                buffered.append(piece)
+                continue
+            yield _chunk(meta, {"content": piece}, None, _logprobs(paid, paid.generation.take_logprobs()))
+    rest = paid.generation.take_logprobs()  # tokens that added no visible text at the end
+    if rest:
+        yield _chunk(meta, {"content": ""}, None, _logprobs(paid, rest))
+    finish = _finish_reason(paid)
+    if tools is not None:
+        reply = tools.reply("".join(buffered), finish)
+        for delta in reply.deltas():
+            yield _chunk(meta, delta, None)
+        finish = reply.finish_reason
+    yield _chunk(meta, {}, finish)

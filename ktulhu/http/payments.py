@@ -55,7 +55,7 @@ async def _user(runtime: Runtime) -> Principal:
         credential = bearer_token(request.headers.get("Authorization"))
         if credential is None:
             raise_error(401, "login_required", "sign in: send `Authorization: Bearer <token or API key>`")
-        return await authenticate_bearer(runtime, credential)
+        return await authenticate_bearer(runtime.store, runtime.settings, credential)
     except AuthError as exc:
         raise_error(401, exc.code, exc.message)
 
@@ -95,7 +95,7 @@ async def activate() -> Response:
     `session_already_used` when replayed after a downgrade). Every refusal changes nothing."""
     runtime = current_runtime()
     principal = await _user(runtime)
-    assert principal.user is not None and runtime.store is not None
+    assert principal.user is not None
     body = await json_body({"session_id": ((str, None), False)}, optional_body=True)
     session_id = (body.get("session_id") or "").strip()
     if not session_id:
@@ -160,7 +160,6 @@ async def activate() -> Response:
 @blueprint.post("/payment/webhook")
 async def webhook() -> Response:
     runtime = current_runtime()
-    assert runtime.store is not None
     _configured(runtime)
     secret = runtime.settings.stripe_webhook_secret
     if not secret:
@@ -190,7 +189,7 @@ async def webhook() -> Response:
         return json_response({"received": True, "duplicate": True})
     # The event is recorded together with its change (or after deciding it has none), never
     # before: if anything fails here the answer is 500 and Stripe's retry applies it.
-    outcome = await apply_event(runtime, event)
+    outcome = await apply_event(runtime.store, event)
     if outcome.action == "duplicate":
         return json_response({"received": True, "duplicate": True})
     log.info("stripe webhook %s %s -> %s", event["type"], event["id"], outcome.action)

@@ -15,6 +15,7 @@ from quart import Blueprint, Response, websocket
 
 from ..app_state import current_runtime
 from ..auth.principal import AuthError
+from ..chat import frames
 from ..chat.access import lists_everything, may_use_chat
 from ..store.keys import is_valid_id
 from ..store.records import Chat
@@ -40,8 +41,7 @@ async def last_summaries() -> Response:
     principal = await request_principal()
     limit = query_limit("limit", DEFAULT_LIMIT, 1, MAX_LIMIT, code="invalid_limit")
     store = current_runtime().store
-    assert store is not None
-    if lists_everything(current_runtime(), principal):
+    if lists_everything(current_runtime().settings, principal):
         chats = await store.aio.list_recent_chats(limit)
     elif principal.user_id is not None:
         chats = (await store.aio.list_chats_owned_by(principal.user_id))[:limit]
@@ -65,7 +65,7 @@ async def summary_socket() -> Response | None:
     except AuthError as bad:
         return json_error(401, bad.code, bad.message)
     followed = {c for c in websocket.args.getlist("chat_id") if is_valid_id(c)}
-    everything = lists_everything(current_runtime(), principal)
+    everything = lists_everything(current_runtime().settings, principal)
 
     def accepts(chat: Chat) -> bool:
         if everything:
@@ -81,7 +81,7 @@ async def summary_socket() -> Response | None:
             nursery.start_soon(_close_on_shutdown, nursery.cancel_scope)
             async for event in events:
                 with trio.move_on_after(runtime.settings.ws_send_timeout) as waited:
-                    await websocket.send(orjson.dumps(event.push_frame()).decode())
+                    await websocket.send(orjson.dumps(frames.summary_push(event.message)).decode())
                 if waited.cancelled_caught:  # a reader that takes nothing is let go
                     break
             nursery.cancel_scope.cancel()
@@ -105,11 +105,10 @@ async def _read_subscriptions(followed: set[str]) -> None:
             if not isinstance(ids, list) or not all(is_valid_id(i) for i in ids):
                 raise ValueError
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            await websocket.send(orjson.dumps({"type": "error", "message": "invalid_frame",
-                                               "detail": 'send {"subscribe": [chat ids]}'}).decode())
+            await websocket.send(orjson.dumps(frames.error("invalid_frame", 'send {"subscribe": [chat ids]}')).decode())
             continue
         if len(followed) + len(ids) > MAX_FOLLOWED:
-            await websocket.send(orjson.dumps({"type": "error", "message": "too_large",
-                                               "detail": f"at most {MAX_FOLLOWED} chats per socket"}).decode())
+            await websocket.send(orjson.dumps(frames.error("too_large", f"at most {MAX_FOLLOWED} chats per socket")
+                                              ).decode())
             continue
         followed.update(ids)

@@ -17,12 +17,13 @@ from typing import Any
 from quart import Blueprint, Response
 
 from ..api.caller import authenticate
+from ..api.generation import running
 from ..api.problems import Problem
 from ..app_state import current_runtime
 from ..engine.prompt import PromptError
 from ..engine.remote import WorkerLacks
-from ..engine.request import Busy, EngineClosed, EngineError
-from ..nurseries.runtime import Runtime
+from ..engine.request import EngineError
+from ..refusals import http_problem
 from . import openai
 from .errors import json_body, json_response
 
@@ -66,24 +67,13 @@ def parse_detokenize(body: dict[str, Any], *, max_tokens: int, n_vocab: int | No
     return list(openai.token_ids(tokens, "tokens", n_vocab))
 
 
-def _engine(runtime: Runtime) -> Any:
-    engine = runtime.engine
-    if engine is None or runtime.shutting_down.is_set():
-        raise Problem(503, "engine_unavailable", "the model is not running (starting or shutting down)",
-                      headers={"Retry-After": "5"})
-    return engine
-
 
 def _engine_problem(exc: EngineError | PromptError, param: str) -> Problem:
     if isinstance(exc, WorkerLacks):
         return Problem(501, "not_implemented", str(exc))
     if isinstance(exc, PromptError):
         return Problem(400, "invalid_value", str(exc), param=param)
-    if isinstance(exc, Busy):
-        return Problem(503, "server_busy", str(exc), headers={"Retry-After": "1"})
-    if isinstance(exc, EngineClosed):
-        return Problem(503, "engine_unavailable", str(exc), headers={"Retry-After": "5"})
-    return Problem(502, "tokenizer_failed", str(exc) or "the tokenizer failed")
+    return http_problem(exc, param, task="tokenizer")
 
 
 def _piece(data: bytes) -> str | list[int]:
@@ -100,7 +90,7 @@ async def tokenize() -> Response:
     body = await json_body({}, max_bytes=openai.MAX_BODY)
     content, add_special, parse_special, with_pieces = parse_tokenize(
         body, max_chars=runtime.settings.max_prompt_chars * 4)
-    engine = _engine(runtime)
+    engine = running(runtime, runtime.engine)
     try:
         tokens = await engine.tokenize(content, add_special=add_special, parse_special=parse_special,
                                        with_pieces=with_pieces)
@@ -116,7 +106,7 @@ async def detokenize() -> Response:
     await authenticate()
     runtime = current_runtime()
     body = await json_body({}, max_bytes=openai.MAX_BODY)
-    engine = _engine(runtime)
+    engine = running(runtime, runtime.engine)
     try:
         n_vocab = await engine.vocab_size()
         tokens = parse_detokenize(body, max_tokens=runtime.settings.max_prompt_chars * 4, n_vocab=n_vocab)

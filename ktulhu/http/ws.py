@@ -40,7 +40,7 @@ async def chat_socket() -> Response | None:
         return json_error(503, "shutting_down", "the server is restarting")
     try:
         credential = websocket_credential()
-        principal = ANONYMOUS if credential is None else await authenticate_bearer(runtime, credential)
+        principal = ANONYMOUS if credential is None else await authenticate_bearer(runtime.store, runtime.settings, credential)
     except AuthError as bad:
         return json_error(401, bad.code, bad.message)
     await websocket.accept()

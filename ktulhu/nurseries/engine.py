@@ -1,6 +1,7 @@
 """Engine service: the model is proven on this machine (a child process decodes a batch), loaded
 once (off the trio thread), then the batching engine runs, and the model pool (`runtime.models`)
-that loads the other models of KTULHU_MODELS on first use.
+that loads the other models of KTULHU_MODELS on first use; each is provided on the runtime
+while it runs.
 
 The engine's decode threads stop before the model is freed; the model is freed when the tree stops.
 
@@ -21,6 +22,7 @@ from ..engine.engine import Engine
 from ..engine.model import Model
 from ..engine.pool import ModelPool
 from ..engine.remote import RemoteEngine
+from ..metrics import ENGINE_EVENTS
 from ..preflight import check_model
 from .runtime import Runtime
 
@@ -35,12 +37,10 @@ async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]])
 
 
 async def _run_remote(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
-    engine = RemoteEngine(runtime.settings)
-    try:
-        async with trio.open_nursery() as nursery:
-            detail = await nursery.start(engine.run)
-            runtime.engine = engine
-            runtime.embedder = embeddings.RemoteEmbedder(engine)
+    engine = RemoteEngine(runtime.settings, events=ENGINE_EVENTS)
+    async with trio.open_nursery() as nursery:
+        detail = await nursery.start(engine.run)
+        with runtime.engine.providing(engine), runtime.embedder.providing(embeddings.RemoteEmbedder(engine)):
             task_status.started(detail)
             while True:  # the readiness entry follows the fleet (checked at least once per health interval)
                 with trio.move_on_after(runtime.settings.worker_health_interval):
@@ -51,9 +51,6 @@ async def _run_remote(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str
                     status = detail.pop("status")
                     if (current.status, current.detail) != (status, detail):
                         runtime.readiness.mark("model", status, **detail)
-    finally:
-        runtime.engine = None
-        runtime.embedder = None
 
 
 async def _run_local(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
@@ -62,22 +59,17 @@ async def _run_local(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str,
     # A big GGUF can take long to map; on shutdown the loading thread is abandoned, not waited for.
     model = await trio.to_thread.run_sync(Model.load, settings, abandon_on_cancel=True)
     try:
-        runtime.model = model
-        engine = Engine(model, settings)
+        engine = Engine(model, settings, events=ENGINE_EVENTS)
         # /v1/embeddings' context (created on first use) is freed after the engine stops, before the model.
         async with embeddings.serving(engine, settings) as embedder, trio.open_nursery() as nursery:
             engine_info = await nursery.start(engine.run)
             # KTULHU_MODELS: the other models load on first use in the pool's nursery; they stop
             # with this one (before the default model is freed).
-            runtime.models = await nursery.start(ModelPool.serve, settings, engine)
-            runtime.engine = engine
-            runtime.embedder = embedder
-            task_status.started({**attrs.asdict(model.info), **engine_info,
-                                 "layers_on_gpu": f"{proof.detail['layers_on_gpu']}/{proof.detail['layers_total']}"})
+            pool = await nursery.start(ModelPool.serve, settings, engine)
+            with (runtime.model.providing(model), runtime.engine.providing(engine),
+                  runtime.models.providing(pool), runtime.embedder.providing(embedder)):
+                task_status.started({**attrs.asdict(model.info), **engine_info,
+                                     "layers_on_gpu": f"{proof.detail['layers_on_gpu']}/{proof.detail['layers_total']}"})
+                await trio.sleep_forever()
     finally:
-        runtime.engine = None
-        runtime.embedder = None
-        runtime.models = None
-        runtime.model = None
         model.close()
-

@@ -15,8 +15,7 @@ __all__ = ["run"]
 
 
 async def run(runtime: Runtime, url: str, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
-    store = runtime.store
-    assert store is not None  # the tree opens the store before its services
+    store = runtime.store  # the tree opens the store before its services
     locks = TurnLocks(url)
 
     def on_state(state: str) -> None:

@@ -2,7 +2,7 @@
 
 Before loading, a child process proves the onnxruntime session runs on this machine (`ktulhu.preflight`).
 Readiness reports the router's directory, device and heads. Without a built router (a fresh clone
-before `ktulhu router train`) the service reports `degraded` and `runtime.router` is a router
+before `ktulhu router train`) the service reports `degraded` and `runtime.router` provides a router
 without a model: every message then gets the default route, which is also what a timeout yields.
 An explicitly configured directory (INTENT_ROUTER_DIR / PHATIC_MODEL_DIR) that cannot be loaded is
 an error that stops the server.
@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from ..metrics import ROUTER_LATENCY
 from ..preflight import check_router
 from ..router.model import REQUIRED_FILES
 from ..router.service import Router
@@ -37,10 +38,9 @@ async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]])
         assert router.model is not None
         detail = {"dir": str(directory), "device": router.model.device,
                   "heads": ",".join(router.labels), "max_length": router.model.max_length}
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(router.run)
-            runtime.router = router
+    router.observe_latency = ROUTER_LATENCY.observe
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.run)
+        with runtime.router.providing(router):
             task_status.started(detail)
-    finally:
-        runtime.router = None
+            await trio.sleep_forever()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -11,6 +11,7 @@ from ..chat.hub import SummaryHub
 from ..chat.turns import TurnQueue
 from ..doctor import LiveDoctor
 from ..settings import Settings
+from .provided import Provided
 from .readiness import Readiness
 
 if TYPE_CHECKING:
@@ -35,25 +36,31 @@ class ServiceFailed(Exception):
         super().__init__(f"{service} service failed: {type(error).__name__}: {error}")
 
 
+def _provided(name: str) -> Any:
+    return attrs.field(factory=lambda: Provided(name), init=False)
+
+
 @attrs.define
 class Runtime:
-    """One per process. Services fill their slot when they report readiness and clear it on exit."""
+    """One per process: what the tree gives request handlers. Each service provides its value for the
+    scope in which it is usable (`Provided`); the store is open whenever HTTP serves."""
 
     settings: Settings
     readiness: Readiness = attrs.field(factory=Readiness)
     #: Set on SIGINT/SIGTERM: long-lived handlers (WS sessions, streams) end their work with final frames.
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
-    store: Store | None = None
-    model: Model | None = None
+    #: The open store (`store` reads it): opened before HTTP serves, closed after it stops.
+    opened_store: Provided[Store] = _provided("chat store")
+    model: Provided[Model] = _provided("model")
     #: The local batching engine, or in remote mode (`KTULHU_ENGINE=remote`) the client of the workers.
-    engine: Engine | RemoteEngine | None = None
-    #: The local models by name (the default is `engine`; KTULHU_MODELS' load on first use); None in
-    #: remote mode and while no engine runs.
-    models: ModelPool | None = None
-    #: What computes `/v1/embeddings` (a context beside the local model, or the workers); None while none runs.
-    embedder: LocalEmbedder | RemoteEmbedder | None = None
-    router: Router | None = None
-    summaries: SummaryWorker | None = None
+    engine: Provided[Engine | RemoteEngine] = _provided("engine")
+    #: The local models by name (the default is `engine`; KTULHU_MODELS' load on first use); not
+    #: provided in remote mode.
+    models: Provided[ModelPool] = _provided("model pool")
+    #: What computes `/v1/embeddings` (a context beside the local model, or the workers).
+    embedder: Provided[LocalEmbedder | RemoteEmbedder] = _provided("embedder")
+    router: Provided[Router] = _provided("intent router")
+    summaries: Provided[SummaryWorker] = _provided("title worker")
     #: New chat titles, for `/chat-summary/ws` and `/ws` sessions.
     summary_hub: SummaryHub = attrs.field(factory=SummaryHub)
     #: One reply per chat at a time (`/ws` prompts queue behind a chat's running reply).
@@ -64,7 +71,12 @@ class Runtime:
     def __attrs_post_init__(self) -> None:
         self.doctor = LiveDoctor(self.settings)
 
+    @property
+    def store(self) -> Store:
+        """The open store; `NotRunning` (a 503) only outside the tree's life, never while HTTP serves."""
+        return self.opened_store.get()
+
     def request_shutdown(self) -> None:
         """Stop accepting work: `/readyz` turns 503 and long-lived handlers wrap up."""
-        self.readiness.stopping = True
+        self.readiness.stop()
         self.shutting_down.set()

@@ -50,18 +50,17 @@ async def opened(runtime: Runtime) -> AsyncIterator[Store]:
     except Exception as error:
         runtime.readiness.mark("store", "failed", error=str(error))
         raise ServiceFailed("store", error) from error
-    runtime.store = store
     runtime.readiness.mark("store", "ready", path=store.where)
     log.info("store open at %s (%s, sync=%s)", store.where, store.engine, store.statistics().sync)
     try:
-        async with trio.open_nursery() as nursery:
-            # expired rate-limit buckets and signed-out token entries go, so records do not pile up
-            nursery.start_soon(Sweeper(store).run)
-            nursery.start_soon(_recover_after_failed_writes, runtime, store)
-            yield store
-            nursery.cancel_scope.cancel()
+        with runtime.opened_store.providing(store):
+            async with trio.open_nursery() as nursery:
+                # expired rate-limit buckets and signed-out token entries go, so records do not pile up
+                nursery.start_soon(Sweeper(store).run)
+                nursery.start_soon(_recover_after_failed_writes, runtime, store)
+                yield store
+                nursery.cancel_scope.cancel()
     finally:
-        runtime.store = None
         runtime.readiness.mark("store", "stopped")
         # Closing flushes the memtable: finish it even while the tree is being cancelled.
         with trio.CancelScope(shield=True):

@@ -13,11 +13,9 @@ __all__ = ["run"]
 
 
 async def run(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
-    worker = SummaryWorker(runtime, runtime.summary_hub)
-    try:
-        async with trio.open_nursery() as nursery:
-            detail = await nursery.start(worker.run)
-            runtime.summaries = worker
+    worker = SummaryWorker(runtime.settings, runtime.store, runtime.engine, runtime.summary_hub)
+    async with trio.open_nursery() as nursery:
+        detail = await nursery.start(worker.run)
+        with runtime.summaries.providing(worker):
             task_status.started(detail)
-    finally:
-        runtime.summaries = None
+            await trio.sleep_forever()

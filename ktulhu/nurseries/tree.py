@@ -62,7 +62,7 @@ async def run(
                     nursery.start_soon(_bring_up, nursery, name, service, runtime)
                 task_status.started(runtime)
         finally:
-            runtime.readiness.stopping = True
+            runtime.readiness.stop()
 
 
 async def _bring_up(nursery: trio.Nursery, name: str, service: Service, runtime: Runtime) -> None:

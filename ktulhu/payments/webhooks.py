@@ -20,13 +20,15 @@ a redelivery of an applied event finds it marked and changes nothing.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..nurseries.runtime import Runtime
 from ..store.records import User
 from .plans import is_paid, session_user_id, to_free, to_paid
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 __all__ = ["HANDLED_EVENTS", "WebhookOutcome", "apply_event"]
 
@@ -70,10 +72,8 @@ def _metadata_user(obj: dict[str, Any]) -> str | None:
     return user_id if isinstance(user_id, str) and user_id else None
 
 
-async def _find_user(runtime: Runtime, *, user_id: str | None, subscription: str | None,
+async def _find_user(store: Store, *, user_id: str | None, subscription: str | None,
                      customer: str | None) -> User | None:
-    store = runtime.store
-    assert store is not None
     if subscription or customer:
         users = await store.aio.list_users()
         if subscription:
@@ -92,10 +92,8 @@ async def _find_user(runtime: Runtime, *, user_id: str | None, subscription: str
     return None
 
 
-async def _change(runtime: Runtime, event: dict[str, Any], user: User, change: Any, action: str) -> WebhookOutcome:
+async def _change(store: Store, event: dict[str, Any], user: User, change: Any, action: str) -> WebhookOutcome:
     """Apply `change` to `user` and record the event in one store write."""
-    store = runtime.store
-    assert store is not None
     result = await store.aio.run(store.update_user_for_stripe_event, user.id, change, event["id"], event["type"])
     if result.status != "applied":
         return WebhookOutcome(result.status, user.id, recorded=True)
@@ -107,19 +105,17 @@ async def _change(runtime: Runtime, event: dict[str, Any], user: User, change: A
     return WebhookOutcome(action, user.id, recorded=True)
 
 
-async def apply_event(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome:
+async def apply_event(store: Store, event: dict[str, Any]) -> WebhookOutcome:
     """Apply one verified event (`id` a valid store id) at most once; `duplicate` when it was
     already applied. Nothing is marked before the change is stored."""
-    outcome = await _apply(runtime, event)
+    outcome = await _apply(store, event)
     if not outcome.recorded:
-        store = runtime.store
-        assert store is not None
         if not await store.aio.record_stripe_event(event["id"], event["type"]):
             return WebhookOutcome("duplicate", outcome.user_id)
     return outcome
 
 
-async def _apply(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome:
+async def _apply(store: Store, event: dict[str, Any]) -> WebhookOutcome:
     kind = event.get("type")
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
@@ -130,32 +126,32 @@ async def _apply(runtime: Runtime, event: dict[str, Any]) -> WebhookOutcome:
             return WebhookOutcome("unchanged")
         customer, subscription = _id(obj.get("customer")), _id(obj.get("subscription"))
         checkout = _id(obj.get("id")) if obj.get("mode") == "payment" else None
-        user = await _find_user(runtime, user_id=session_user_id(obj), subscription=None, customer=None)
+        user = await _find_user(store, user_id=session_user_id(obj), subscription=None, customer=None)
         if user is None:
-            user = await _find_user(runtime, user_id=None, subscription=subscription, customer=customer)
+            user = await _find_user(store, user_id=None, subscription=subscription, customer=customer)
         if user is None:
             return WebhookOutcome("no_user")
-        return await _change(runtime, event, user, lambda u: to_paid(u, customer, subscription, checkout=checkout),
+        return await _change(store, event, user, lambda u: to_paid(u, customer, subscription, checkout=checkout),
                              "paid")
     if kind.startswith("invoice."):
         customer, subscription = _id(obj.get("customer")), _invoice_subscription(obj)
-        user = await _find_user(runtime, user_id=None, subscription=subscription, customer=customer)
+        user = await _find_user(store, user_id=None, subscription=subscription, customer=customer)
         if user is None:
             return WebhookOutcome("no_user")
         if kind == "invoice.paid":
             if subscription is None or user.stripe_subscription_id != subscription:
                 return WebhookOutcome("unchanged", user.id)  # not the upgrade's subscription
-            return await _change(runtime, event, user, lambda u: to_paid(u, customer, subscription), "paid")
+            return await _change(store, event, user, lambda u: to_paid(u, customer, subscription), "paid")
         if subscription and user.stripe_subscription_id not in (None, subscription):
             return WebhookOutcome("unchanged", user.id)  # another subscription's invoice
-        return await _change(runtime, event, user, lambda u: to_free(u, clear_subscription=False), "free")
+        return await _change(store, event, user, lambda u: to_free(u, clear_subscription=False), "free")
     # customer.subscription.*
     if kind == "customer.subscription.updated" and obj.get("status") not in ENDED_SUBSCRIPTION:
         return WebhookOutcome("unchanged")
     subscription, customer = _id(obj.get("id")), _id(obj.get("customer"))
-    user = await _find_user(runtime, user_id=_metadata_user(obj), subscription=subscription, customer=customer)
+    user = await _find_user(store, user_id=_metadata_user(obj), subscription=subscription, customer=customer)
     if user is None:
         return WebhookOutcome("no_user")
     if user.stripe_subscription_id not in (None, subscription):
         return WebhookOutcome("unchanged", user.id)  # an older subscription ended; the current one stands
-    return await _change(runtime, event, user, lambda u: to_free(u, clear_subscription=True), "free")
+    return await _change(store, event, user, lambda u: to_free(u, clear_subscription=True), "free")

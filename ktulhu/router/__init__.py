@@ -2,7 +2,7 @@
 
 The WebSocket layer needs three names:
 
-- `Router.classify(text, language) -> IntentRoutingResult` (async; `runtime.router` holds the
+- `Router.classify(text, language) -> IntentRoutingResult` (async; `runtime.router` provides the
   process's router while the router service runs);
 - `IntentRoutingResult.to_json()` for the `classifier_debug` frame, `.message_meta()` for storage;
 - `ktulhu.prompts.system_prompt(result, language)` for the rendered system prompt.

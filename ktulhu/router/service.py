@@ -29,11 +29,8 @@ from .routing import Prepared, decide, prepare, route_intent
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["LATENCY_OBSERVERS", "REQUIRED_FILES", "Router", "RouterLoadError", "RouterStatistics"]
+__all__ = ["REQUIRED_FILES", "Router", "RouterLoadError", "RouterStatistics"]
 
-#: Called with the seconds each `classify` took (`/metrics` observes them); kept as plain callbacks
-#: so that importing the router stays light.
-LATENCY_OBSERVERS: list[Callable[[float], None]] = []
 
 log = logging.getLogger("ktulhu.router")
 
@@ -87,6 +84,8 @@ class Router:
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(2))
     #: Why `model` is None (shown in notes and readiness).
     unavailable_reason: str = ""
+    #: Told the seconds each `classify` took (the router service gives it the `/metrics` histogram).
+    observe_latency: Callable[[float], None] = lambda seconds: None
     _send: trio.MemorySendChannel[_Request] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[_Request] = attrs.field(init=False)
     _running: bool = attrs.field(init=False, default=False)
@@ -131,15 +130,13 @@ class Router:
         """Route one message. Never raises for router problems and returns within `timeout` seconds.
 
         `language` is the client's hint (`"pt-BR"`, None...); the result's `language` is its
-        normalised form whatever happens. The time taken goes to `LATENCY_OBSERVERS`.
+        normalised form whatever happens. The time taken goes to `observe_latency`.
         """
         started = time.perf_counter()
         try:
             return await self._classify(text, language)
         finally:
-            elapsed = time.perf_counter() - started
-            for observer in tuple(LATENCY_OBSERVERS):
-                observer(elapsed)
+            self.observe_latency(time.perf_counter() - started)
 
     async def _classify(self, text: str, language: str | None) -> IntentRoutingResult:
         prepared = prepare(text, language)

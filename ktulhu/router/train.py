@@ -1,8 +1,10 @@
 """`ktulhu router train`: build the default intent router from `data/intents/` (CPU, deterministic).
 
-Pipeline: train a BPE tokenizer on the training split -> train a small convolutional encoder
-with the five heads -> export to ONNX -> check onnxruntime against torch -> evaluate on the
-held-out split -> write `model.onnx`, `tokenizer.json`, `labels.json`, `metrics.json`.
+Pipeline (`train`, one function a step): train a BPE tokenizer on the training split
+(`_tokenizer`) -> encode the split and weigh its classes (`_training_set`) -> train each ensemble
+member, a small convolutional encoder with the five heads, on noised batches (`_fit`) -> write
+`tokenizer.json`, `labels.json`, `model.onnx` and check onnxruntime against torch
+(`_write_router`) -> evaluate the export on both splits and write `metrics.json` (`_evaluate_export`).
 
 Needs the `train` extra (torch, onnx). Determinism: fixed seeds, one torch thread, deterministic
 algorithms and a fixed sample order, so two runs on the same data produce identical files.
@@ -15,6 +17,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,103 +193,165 @@ def _encode(tokenizer, texts: list[str], max_length: int):
 
 
 def train(*, data_dir: Path = DATA_DIR, output: Path = OUTPUT_DIR, config: TrainConfig = TrainConfig(),
-          log=print) -> dict[str, Any]:
+          log: Callable[[str], object] = print) -> dict[str, Any]:
     """Train, export and evaluate; write the router directory `output`; return the metrics."""
+    _require_train_extra()
+    started = time.monotonic()
+    _make_deterministic(config.seed)
+    train_set = load_split("train", data_dir)
+    heldout = load_split("heldout", data_dir)
+    tokenizer = _tokenizer([s.utterance for s in train_set], config)
+    log(f"tokenizer: {tokenizer.get_vocab_size()} pieces; {len(train_set)} train / {len(heldout)} held-out samples")
+    data = _training_set(tokenizer, train_set, config)
+    members = [_fit(data, member, config, log) for member in range(config.ensemble)]
+    parameters = sum(p.numel() for m in members for p in m.parameters())
+    net = members[0] if len(members) == 1 else _Ensemble(members)
+    max_diff = _write_router(net, tokenizer, heldout, output, config)
+    log(f"onnxruntime vs torch: max |logit difference| {max_diff:.2e}")
+    metrics = _evaluate_export(output, train_set, heldout, data_dir=data_dir, config=config, max_diff=max_diff,
+                               parameters=parameters)
+    log(f"done in {time.monotonic() - started:.0f} s -> {output}")
+    return metrics
+
+
+def _require_train_extra() -> None:
+    """End with the install command, rather than an ImportError half-way, when torch is missing."""
     try:
-        import numpy as np
-        import torch
-        from torch import nn
+        import numpy  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as error:  # pragma: no cover - depends on the extra
         raise SystemExit(f"training needs the train extra: pip install -e '.[train]' ({error})") from None
 
-    started = time.monotonic()
+
+def _make_deterministic(seed: int) -> None:
+    """Fixed seeds, one torch thread and deterministic kernels: two runs write identical files."""
+    import numpy as np
+    import torch
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
 
-    train_set = load_split("train", data_dir)
-    heldout = load_split("heldout", data_dir)
-    texts = [s.utterance for s in train_set]
-    tokenizer = _tokenizer(texts, config)
-    vocab = tokenizer.get_vocab_size()
-    log(f"tokenizer: {vocab} pieces; {len(train_set)} train / {len(heldout)} held-out samples")
 
-    targets = {name: torch.tensor([labels.index(s.labels[name]) for s in train_set]) for name, labels in HEADS.items()}
-    ids, mask = _encode(tokenizer, texts, config.max_length)
+@attrs.frozen
+class _TrainingSet:
+    """The training split as tensors, and what every ensemble member learns it with."""
+
+    #: [samples, length] piece ids (0-padded) and their mask (1 where a piece is).
+    ids: Any
+    mask: Any
+    #: head name -> [samples] label index.
+    targets: dict[str, Any]
+    #: head name -> its class-weighted cross-entropy.
+    loss_fns: dict[str, Any]
+    #: [vocab] True for pieces that start a word (whole-word dropout).
+    word_starts: Any
+    #: `_piece_ngrams` of the vocabulary; None without subword buckets.
+    ngrams: Any
+    vocab: int
+
+
+def _training_set(tokenizer: Any, samples: list[Sample], config: TrainConfig) -> _TrainingSet:
+    """Encode `samples`, and weigh each head's classes by inverse square root of their frequency:
+    rare labels (SOCIAL, SUPPORT, OTHER...) are not drowned out."""
+    import torch
+    from torch import nn
+
+    vocab = tokenizer.get_vocab_size()
+    targets = {name: torch.tensor([labels.index(s.labels[name]) for s in samples]) for name, labels in HEADS.items()}
+    ids, mask = _encode(tokenizer, [s.utterance for s in samples], config.max_length)
     ngrams = _piece_ngrams(tokenizer, config) if config.ngram_buckets else None
-    # pieces that start a word (Metaspace marks them with U+2581): whole-word dropout
+    # pieces that start a word (Metaspace marks them with U+2581)
     starts = torch.zeros(vocab, dtype=torch.bool)
     for piece, v in tokenizer.get_vocab().items():
         starts[v] = piece.startswith("\u2581")
-    # inverse-sqrt class weights: rare labels (SOCIAL, SUPPORT, OTHER...) are not drowned out
     loss_fns = {}
     for name, labels in HEADS.items():
         counts = torch.bincount(targets[name], minlength=len(labels)).to(torch.float32).clamp(min=1.0)
         weights = (counts.sum() / counts).sqrt()
         loss_fns[name] = nn.CrossEntropyLoss(weight=weights / weights.mean())
+    return _TrainingSet(ids, mask, targets, loss_fns, starts, ngrams, vocab)
 
-    def fit(member: int):
-        # member 0 uses the global seed as set above; later members re-seed (init and noise)
-        seed = config.seed + member
-        if member:
-            torch.manual_seed(seed)
-        net = _network(vocab, config, ngrams)
-        optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        steps_per_epoch = -(-len(texts) // config.batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate,
-                                                       total_steps=config.epochs * steps_per_epoch)
-        generator = torch.Generator().manual_seed(seed)
-        for epoch in range(config.epochs):
-            net.train()
-            order = torch.randperm(len(texts), generator=generator)
-            total = 0.0
-            for start in range(0, len(texts), config.batch_size):
-                batch = order[start:start + config.batch_size]
-                width = int(mask[batch].sum(dim=1).max())
-                b_ids, b_mask = ids[batch, :width].clone(), mask[batch, :width]
-                drop = (torch.rand(b_ids.shape, generator=generator) < config.token_dropout) & (b_mask == 1)
-                # half of the dropped tokens become <unk>, half a random piece: teaches the model that
-                # unfamiliar pieces (words it never saw) carry no domain
-                noise = torch.randint(2, vocab, b_ids.shape, generator=generator)
-                coin = torch.rand(b_ids.shape, generator=generator) < 0.5
-                b_ids[drop] = torch.where(coin, noise, torch.ones_like(noise))[drop]
-                if config.word_dropout:
-                    # drop whole words (every piece of the word becomes <unk>): the frame must carry
-                    # speech act and expectation when the content word is unfamiliar
-                    word = torch.cumsum(starts[ids[batch, :width]].to(torch.int64), dim=1).clamp(max=width - 1)
-                    gone = torch.rand(b_ids.shape, generator=generator) < config.word_dropout
-                    gone = torch.gather(gone, 1, word) & (b_mask == 1)
-                    b_ids[gone] = 1
-                outputs = net(b_ids, b_mask)
-                loss = sum(loss_fns[name](out, targets[name][batch]) for name, out in zip(HEADS, outputs))
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total += float(loss.detach()) * len(batch)
-            log(f"model {member + 1}/{config.ensemble} epoch {epoch + 1}/{config.epochs}: loss {total / len(texts):.4f}")
-        net.eval()
-        net.freeze()
-        return net
 
-    members = [fit(k) for k in range(config.ensemble)]
-    parameters = sum(p.numel() for m in members for p in m.parameters())
-    net = members[0] if len(members) == 1 else _Ensemble(members)
+def _fit(data: _TrainingSet, member: int, config: TrainConfig, log: Callable[[str], object]) -> Any:
+    """Train ensemble member `member` (AdamW, one-cycle schedule, noised batches); returns it in
+    eval mode with its n-gram table folded into the embedding."""
+    import torch
 
+    # member 0 uses the global seed as `_make_deterministic` set it; later members re-seed (init and noise)
+    seed = config.seed + member
+    if member:
+        torch.manual_seed(seed)
+    net = _network(data.vocab, config, data.ngrams)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    n_samples = len(data.ids)
+    steps_per_epoch = -(-n_samples // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate,
+                                                   total_steps=config.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(config.epochs):
+        net.train()
+        order = torch.randperm(n_samples, generator=generator)
+        total = 0.0
+        for start in range(0, n_samples, config.batch_size):
+            batch = order[start:start + config.batch_size]
+            b_ids, b_mask = _noised_batch(data, batch, config, generator)
+            outputs = net(b_ids, b_mask)
+            loss = sum(data.loss_fns[name](out, data.targets[name][batch]) for name, out in zip(HEADS, outputs))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(batch)
+        log(f"model {member + 1}/{config.ensemble} epoch {epoch + 1}/{config.epochs}: loss {total / n_samples:.4f}")
+    net.eval()
+    net.freeze()
+    return net
+
+
+def _noised_batch(data: _TrainingSet, batch: Any, config: TrainConfig, generator: Any) -> tuple[Any, Any]:
+    """The rows `batch` (ids, mask), cut to their longest, with token and word dropout applied."""
+    import torch
+
+    width = int(data.mask[batch].sum(dim=1).max())
+    ids, mask = data.ids[batch, :width].clone(), data.mask[batch, :width]
+    drop = (torch.rand(ids.shape, generator=generator) < config.token_dropout) & (mask == 1)
+    # half of the dropped tokens become <unk>, half a random piece: teaches the model that
+    # unfamiliar pieces (words it never saw) carry no domain
+    noise = torch.randint(2, data.vocab, ids.shape, generator=generator)
+    coin = torch.rand(ids.shape, generator=generator) < 0.5
+    ids[drop] = torch.where(coin, noise, torch.ones_like(noise))[drop]
+    if config.word_dropout:
+        # drop whole words (every piece of the word becomes <unk>): the frame must carry
+        # speech act and expectation when the content word is unfamiliar
+        word = torch.cumsum(data.word_starts[data.ids[batch, :width]].to(torch.int64), dim=1).clamp(max=width - 1)
+        gone = torch.rand(ids.shape, generator=generator) < config.word_dropout
+        gone = torch.gather(gone, 1, word) & (mask == 1)
+        ids[gone] = 1
+    return ids, mask
+
+
+def _write_router(net: Any, tokenizer: Any, heldout: list[Sample], output: Path, config: TrainConfig) -> float:
+    """Write `tokenizer.json`, `labels.json` and `model.onnx` into `output`; returns the largest
+    logit difference between onnxruntime and torch (`_check_onnx` raises beyond tolerance)."""
     output.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(output / "tokenizer.json"))
     labels = {"format": 1, "heads": {name: list(labels) for name, labels in HEADS.items()},
               "max_length": config.max_length, "pad_id": 0}
     (output / "labels.json").write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
     _export(net, output / "model.onnx")
-    max_diff = _check_onnx(net, output, tokenizer, heldout, config)
-    log(f"onnxruntime vs torch: max |logit difference| {max_diff:.2e}")
+    return _check_onnx(net, output, tokenizer, heldout, config)
 
-    from .model import IntentModel
+
+def _evaluate_export(output: Path, train_set: list[Sample], heldout: list[Sample], *, data_dir: Path,
+                     config: TrainConfig, max_diff: float, parameters: int) -> dict[str, Any]:
+    """Evaluate the router as it will be served (the ONNX files in `output`, through `IntentModel`)
+    and write `metrics.json`: scores, how it was built, from what. Returns the metrics."""
     from .evaluate import evaluate
+    from .model import IntentModel
 
     model = IntentModel.load(output, device="cpu")
     metrics = {
@@ -300,7 +365,6 @@ def train(*, data_dir: Path = DATA_DIR, output: Path = OUTPUT_DIR, config: Train
         "rebuild": "ktulhu router train  (needs: pip install -e '.[train]')",
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log(f"done in {time.monotonic() - started:.0f} s -> {output}")
     return metrics
 
 

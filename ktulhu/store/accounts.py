@@ -9,9 +9,10 @@ from collections.abc import Callable
 import attrs
 
 from . import keys
+from .codec import encode
 from .core import StoreCore
 from .keys import check_id
-from .records import ApiKey, RateBucket, StripeEvent, User, encode, now_ms
+from .records import ApiKey, RateBucket, StripeEvent, User, now_ms
 
 __all__ = ["AccountOps", "EventChange", "RateDecision", "SweepResult"]
 
@@ -61,12 +62,12 @@ class AccountOps(StoreCore):
         check_id(api_key.user_id, "user id")
         with self._locks.hold("apikey:" + api_key.id):
             old = self._load(ApiKey, keys.apikey_key(api_key.id))
-            batch = self._batch()
+            batch = self.batch()
             if old is not None and old.user_id != api_key.user_id:
                 batch.delete(keys.ix_user_apikey(old.user_id, old.id))
             batch.put(keys.apikey_key(api_key.id), encode(api_key))
             batch.put(keys.ix_user_apikey(api_key.user_id, api_key.id), api_key.id.encode())
-            self._write(batch)
+            self.write(batch)
         return api_key
 
     def load_api_key(self, key_id: str) -> ApiKey | None:
@@ -75,24 +76,24 @@ class AccountOps(StoreCore):
 
     def list_api_keys_for_user(self, user_id: str) -> list[ApiKey]:
         check_id(user_id, "user id")
-        ids = [v.decode(errors="replace") for _, v in self._scan(keys.ix_user_apikey_prefix(user_id))]
+        ids = [v.decode(errors="replace") for _, v in self.scan(keys.ix_user_apikey_prefix(user_id))]
         record_keys = [keys.apikey_key(i) for i in ids]
-        return [k for key, raw in zip(record_keys, self._get_many(record_keys))
-                if (k := self._decode(ApiKey, key, raw)) is not None]
+        return [k for key, raw in zip(record_keys, self.get_many(record_keys))
+                if (k := self.decode_or_skip(ApiKey, key, raw)) is not None]
 
     def delete_api_key(self, key_id: str) -> bool:
         """Delete an API key; False when it did not exist."""
         check_id(key_id, "API key id")
         with self._locks.hold("apikey:" + key_id):
-            raw = self._get(keys.apikey_key(key_id))
+            raw = self.get(keys.apikey_key(key_id))
             if raw is None:
                 return False
-            old = self._decode(ApiKey, keys.apikey_key(key_id), raw)
-            batch = self._batch()
+            old = self.decode_or_skip(ApiKey, keys.apikey_key(key_id), raw)
+            batch = self.batch()
             batch.delete(keys.apikey_key(key_id))
             if old is not None:
                 batch.delete(keys.ix_user_apikey(old.user_id, key_id))
-            self._write(batch)
+            self.write(batch)
             return True
 
     # --- Stripe events -------------------------------------------------------------------------
@@ -103,17 +104,17 @@ class AccountOps(StoreCore):
         check_id(event_id, "Stripe event id")
         with self._locks.hold("stripe_event:" + event_id):
             key = keys.stripe_event_key(event_id)
-            if self._get(key) is not None:
+            if self.get(key) is not None:
                 return False
-            batch = self._batch()
+            batch = self.batch()
             batch.put(key, _event_record(event_id, event_type, now))
-            self._write(batch)
+            self.write(batch)
             return True
 
     def stripe_event_seen(self, event_id: str) -> bool:
         """True when the event was already recorded (its effect is applied)."""
         check_id(event_id, "Stripe event id")
-        return self._get(keys.stripe_event_key(event_id)) is not None
+        return self.get(keys.stripe_event_key(event_id)) is not None
 
     def update_user_for_stripe_event(
         self, user_id: str, change: Callable[[User], User], event_id: str, event_type: str,
@@ -126,13 +127,13 @@ class AccountOps(StoreCore):
         check_id(user_id, "user id")
         event_key = keys.stripe_event_key(event_id)
         with self._locks.hold("stripe_event:" + event_id, "user:" + user_id):
-            if self._get(event_key) is not None:
+            if self.get(event_key) is not None:
                 return EventChange("duplicate")
             old = self._load(User, keys.user_key(user_id))
             if old is None:
-                batch = self._batch()
+                batch = self.batch()
                 batch.put(event_key, _event_record(event_id, event_type, now))
-                self._write(batch)
+                self.write(batch)
                 return EventChange("no_user")
             from .users import _copy
 
@@ -165,16 +166,16 @@ class AccountOps(StoreCore):
             allowed = tokens >= cost
             if allowed:
                 tokens = min(float(capacity), tokens - cost)
-            batch = self._batch()
+            batch = self.batch()
             if tokens >= capacity:
-                if bucket is not None or self._get(key) is not None:
+                if bucket is not None or self.get(key) is not None:
                     batch.delete(key)
             elif cost == 0:
                 pass  # a peek changes nothing: the stored (tokens, updated_ts) still refill the same
             else:
                 expires = None if refill_per_s <= 0 else now + math.ceil((capacity - tokens) * 1000.0 / refill_per_s)
                 batch.put(key, encode(RateBucket(tokens=tokens, updated_ts=now, expires_ts=expires)))
-            self._write(batch)
+            self.write(batch)
         retry = 0 if allowed or refill_per_s <= 0 else int((cost - tokens) * 1000.0 / refill_per_s) + 1
         return RateDecision(allowed=allowed, tokens_left=tokens, retry_after_ms=retry)
 
@@ -184,12 +185,12 @@ class AccountOps(StoreCore):
         """Refuse the app JWT `jti` from now on; the entry is kept until `expires_ms` (the token's own
         expiry, after which it is refused anyway) and then swept."""
         key = keys.revoked_jwt_key(jti)
-        batch = self._batch()
+        batch = self.batch()
         batch.put(key, b"%d" % int(expires_ms))
-        self._write(batch)
+        self.write(batch)
 
     def is_token_revoked(self, jti: str) -> bool:
-        return self._get(keys.revoked_jwt_key(jti)) is not None
+        return self.get(keys.revoked_jwt_key(jti)) is not None
 
     # --- shared free quotas --------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class AccountOps(StoreCore):
         gives back (never below 0). Atomic per pool; pools never expire (like account quotas)."""
         key = keys.quota_pool_key(subject)
         with self._locks.hold(key.decode()):
-            raw = self._get(key)
+            raw = self.get(key)
             try:
                 used = int(raw) if raw is not None else 0
             except ValueError:
@@ -206,13 +207,13 @@ class AccountOps(StoreCore):
             if by > 0 and used + by > limit:
                 return False
             used = max(0, used + by)
-            batch = self._batch()
+            batch = self.batch()
             batch.put(key, b"%d" % used)
-            self._write(batch)
+            self.write(batch)
             return True
 
     def quota_pool_used(self, subject: str) -> int:
-        raw = self._get(keys.quota_pool_key(subject))
+        raw = self.get(keys.quota_pool_key(subject))
         try:
             return int(raw) if raw is not None else 0
         except ValueError:
@@ -232,18 +233,18 @@ class AccountOps(StoreCore):
             if after is not None and not after.startswith(prefix) and after > prefix:
                 continue  # this prefix was finished in an earlier call
             start = after if after is not None and after.startswith(prefix) else None
-            for key, raw in self._scan(prefix, after=start, page=limit + 1):
+            for key, raw in self.scan(prefix, after=start, page=limit + 1):
                 if examined >= limit:
                     return SweepResult(deleted, examined, last)
                 examined += 1
                 last = key
                 if _expired(self, key, raw, now, prefix):
                     with self._locks.hold(key.decode(errors="replace")):
-                        current = self._get(key)
+                        current = self.get(key)
                         if current is not None and _expired(self, key, current, now, prefix):
-                            batch = self._batch()
+                            batch = self.batch()
                             batch.delete(key)
-                            self._write(batch)
+                            self.write(batch)
                             deleted += 1
         return SweepResult(deleted, examined, None)
 
@@ -258,7 +259,7 @@ def _expired(store: StoreCore, key: bytes, raw: bytes, now: int, prefix: bytes) 
             return int(raw) <= now
         except ValueError:
             return True
-    bucket = store._decode(RateBucket, key, raw)
+    bucket = store.decode_or_skip(RateBucket, key, raw)
     if bucket is None:
         return True  # corrupt: logged by _decode; it can only confuse a limit
     if bucket.expires_ts is not None:

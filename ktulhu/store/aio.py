@@ -1,6 +1,7 @@
 """The trio-facing store: every operation runs on a worker thread, so the engine never stalls the loop.
 
-`AsyncStore` mirrors `Store`'s operations as coroutines. Calls are queued and run on at most
+`AsyncStore` mirrors `Store`'s operations as coroutines (`store.aio.save_message(...)`: each one
+declared once below, typed from the `Store` method it runs). Calls are queued and run on at most
 `threads` worker threads at a time (one `trio.CapacityLimiter`); a worker runs up to `MAX_BATCH`
 queued calls, one after another, per trip to the thread, so many small concurrent calls (message
 saves from many chats) pay the thread hand-off once per batch instead of once per call. Each call
@@ -14,24 +15,20 @@ half-written — and the caller then sees `trio.Cancelled`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import attrs
 import outcome
 import trio
 
-from .accounts import RateDecision
+from .db import Store, StoreStatistics
 from .errors import StoreWriteError
-from .records import ApiKey, Chat, Message, User, UserDevice
 from .rocks import DEFAULT_THREADS
-from .users import QuotaResult
-
-if TYPE_CHECKING:
-    from .db import Store, StoreStatistics
 
 __all__ = ["DEFAULT_THREADS", "MAX_BATCH", "AsyncStore", "AsyncStoreStatistics"]
 
+P = ParamSpec("P")
 T = TypeVar("T")
 # Worker threads by default: `DEFAULT_THREADS` (2) on RocksDB, whose calls are short and hold the
 # GIL; `postgres.POSTGRES_THREADS` on PostgreSQL, whose calls mostly wait on the server.
@@ -52,6 +49,33 @@ def _run_jobs(jobs: list[_Job]) -> None:
         job.result = outcome.capture(job.call)
 
 
+class _Offloaded(Generic[P, T]):
+    """An `AsyncStore` attribute that awaits the `Store` method of the same name through
+    `AsyncStore.run`. It is typed from that method, so callers are checked against its real
+    parameters and result, and no signature is written twice."""
+
+    def __init__(self, method: Callable[Concatenate[Store, P], T]) -> None:
+        self._name = method.__name__
+
+    @overload
+    def __get__(self, aio: None, owner: type[AsyncStore]) -> Self: ...
+
+    @overload
+    def __get__(self, aio: AsyncStore, owner: type[AsyncStore]) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    def __get__(self, aio: AsyncStore | None, owner: type[AsyncStore]) -> Any:
+        if aio is None:
+            return self
+        name = self._name
+
+        async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            # by name on the store, so what runs is its method now (a subclass's, a test's patch)
+            return await aio.run(getattr(aio.store, name), *args, **kwargs)
+
+        call.__name__, call.__qualname__ = name, f"AsyncStore.{name}"  # trio task names, tracebacks
+        return call
+
+
 @attrs.frozen
 class AsyncStoreStatistics:
     """A snapshot for `/metrics`: calls waiting for a worker, workers busy, trips and calls so far."""
@@ -68,12 +92,12 @@ class AsyncStore:
 
     Use it from one trio run at a time (it holds trio objects)."""
 
-    def __init__(self, store: "Store", *, threads: int | None = None,
+    def __init__(self, store: Store, *, threads: int | None = None,
                  limiter: trio.CapacityLimiter | None = None) -> None:
         self.store = store
         self._limiter = limiter
         if threads is None:
-            threads = store._kv.default_threads
+            threads = store.default_threads
         self._threads = int(limiter.total_tokens) if limiter is not None else threads
         self._queue: list[_Job] = []
         self._draining = 0
@@ -138,147 +162,59 @@ class AsyncStore:
             if self._queue:  # hand the next batch to the first waiting caller
                 self._queue[0].wake.set()
 
-    def statistics(self) -> "StoreStatistics":
+    def statistics(self) -> StoreStatistics:
         """Counters only; no I/O, safe on the trio thread."""
         return self.store.statistics()
 
     # --- messages ------------------------------------------------------------------------------
 
-    async def save_message(self, message: Message, *, existing_chat_only: bool = False) -> Message | None:
-        return await self.run(self.store.save_message, message, existing_chat_only=existing_chat_only)
-
-    async def delete_message(self, chat_id: str, message_id: str) -> bool:
-        return await self.run(self.store.delete_message, chat_id, message_id)
-
-    async def set_message_liked(self, chat_id: str, message_id: str, liked: bool) -> bool:
-        return await self.run(self.store.set_message_liked, chat_id, message_id, liked)
-
-    async def update_message(
-        self, chat_id: str, message_id: str, change: Callable[[Message], Message]
-    ) -> Message | None:
-        return await self.run(self.store.update_message, chat_id, message_id, change)
-
-    async def remove_messages_by_role(self, chat_id: str, role: str) -> int:
-        return await self.run(self.store.remove_messages_by_role, chat_id, role)
-
-    async def replace_summary(self, chat_id: str, text: str, *, language: str | None = None,
-                              message_id: str | None = None, ts: int | None = None,
-                              existing_chat_only: bool = False) -> Message | None:
-        return await self.run(self.store.replace_summary, chat_id, text, language=language,
-                              message_id=message_id, ts=ts, existing_chat_only=existing_chat_only)
-
-    async def list_messages_for_chat(self, chat_id: str, *, last: int | None = None) -> list[Message]:
-        return await self.run(self.store.list_messages_for_chat, chat_id, last=last)
-
-    async def find_message(self, chat_id: str, message_id: str) -> Message | None:
-        return await self.run(self.store.find_message, chat_id, message_id)
-
-    async def chat_summary(self, chat_id: str) -> Message | None:
-        return await self.run(self.store.chat_summary, chat_id)
-
-    async def list_recent_messages(self, limit: int) -> list[Message]:
-        return await self.run(self.store.list_recent_messages, limit)
-
-    async def list_messages_for_device(self, device_hash: str) -> list[Message]:
-        return await self.run(self.store.list_messages_for_device, device_hash)
+    save_message = _Offloaded(Store.save_message)
+    delete_message = _Offloaded(Store.delete_message)
+    set_message_liked = _Offloaded(Store.set_message_liked)
+    update_message = _Offloaded(Store.update_message)
+    remove_messages_by_role = _Offloaded(Store.remove_messages_by_role)
+    replace_summary = _Offloaded(Store.replace_summary)
+    list_messages_for_chat = _Offloaded(Store.list_messages_for_chat)
+    find_message = _Offloaded(Store.find_message)
+    chat_summary = _Offloaded(Store.chat_summary)
+    list_recent_messages = _Offloaded(Store.list_recent_messages)
+    list_messages_for_device = _Offloaded(Store.list_messages_for_device)
 
     # --- chats ---------------------------------------------------------------------------------
 
-    async def save_chat(self, chat: Chat) -> Chat:
-        return await self.run(self.store.save_chat, chat)
-
-    async def update_chat(self, chat_id: str, change: Callable[[Chat], Chat]) -> Chat | None:
-        return await self.run(self.store.update_chat, chat_id, change)
-
-    async def ensure_chat_for_device(self, chat_id: str, device_hash: str | None, *,
-                                     user_id: str | None = None) -> tuple[Chat, bool]:
-        return await self.run(self.store.ensure_chat_for_device, chat_id, device_hash, user_id=user_id)
-
-    async def touch_chat(self, chat_id: str, device_hash: str | None = None, *, user_id: str | None = None,
-                         now: int | None = None, existing_chat_only: bool = False) -> Chat | None:
-        return await self.run(self.store.touch_chat, chat_id, device_hash, user_id=user_id, now=now,
-                              existing_chat_only=existing_chat_only)
-
-    async def delete_thread(self, chat_id: str) -> int:
-        return await self.run(self.store.delete_thread, chat_id)
-
-    async def load_chat(self, chat_id: str, *, strict: bool = False) -> Chat | None:
-        return await self.run(self.store.load_chat, chat_id, strict=strict)
-
-    async def list_chats(self) -> list[Chat]:
-        return await self.run(self.store.list_chats)
-
-    async def list_chats_for_device(self, device_hash: str) -> list[Chat]:
-        return await self.run(self.store.list_chats_for_device, device_hash)
-
-    async def list_chats_owned_by(self, user_id: str) -> list[Chat]:
-        return await self.run(self.store.list_chats_owned_by, user_id)
-
-    async def list_chats_for_user(self, user_id: str) -> list[Chat]:
-        return await self.run(self.store.list_chats_for_user, user_id)
-
-    async def list_recent_chats(self, limit: int) -> list[Chat]:
-        return await self.run(self.store.list_recent_chats, limit)
+    save_chat = _Offloaded(Store.save_chat)
+    update_chat = _Offloaded(Store.update_chat)
+    ensure_chat_for_device = _Offloaded(Store.ensure_chat_for_device)
+    touch_chat = _Offloaded(Store.touch_chat)
+    delete_thread = _Offloaded(Store.delete_thread)
+    load_chat = _Offloaded(Store.load_chat)
+    list_chats = _Offloaded(Store.list_chats)
+    list_chats_for_device = _Offloaded(Store.list_chats_for_device)
+    list_chats_owned_by = _Offloaded(Store.list_chats_owned_by)
+    list_chats_for_user = _Offloaded(Store.list_chats_for_user)
+    list_recent_chats = _Offloaded(Store.list_recent_chats)
 
     # --- users and devices ---------------------------------------------------------------------
 
-    async def save_user(self, user: User) -> User:
-        return await self.run(self.store.save_user, user)
-
-    async def update_user(self, user_id: str, change: Callable[[User], User]) -> User | None:
-        return await self.run(self.store.update_user, user_id, change)
-
-    async def increment_generation_count(self, user_id: str, *, limit: int | None = None, by: int = 1) -> QuotaResult:
-        return await self.run(self.store.increment_generation_count, user_id, limit=limit, by=by)
-
-    async def load_user(self, user_id: str) -> User | None:
-        return await self.run(self.store.load_user, user_id)
-
-    async def list_users(self) -> list[User]:
-        return await self.run(self.store.list_users)
-
-    async def find_user_by_email(self, email: str) -> User | None:
-        return await self.run(self.store.find_user_by_email, email)
-
-    async def find_user_by_provider(self, provider_id: str) -> User | None:
-        return await self.run(self.store.find_user_by_provider, provider_id)
-
-    async def delete_user(self, user_id: str) -> bool:
-        return await self.run(self.store.delete_user, user_id)
-
-    async def add_device_for_user(self, user_id: str, device_hash: str, *, now: int | None = None) -> UserDevice:
-        return await self.run(self.store.add_device_for_user, user_id, device_hash, now=now)
-
-    async def list_devices_for_user(self, user_id: str) -> list[UserDevice]:
-        return await self.run(self.store.list_devices_for_user, user_id)
-
-    async def list_all_devices(self) -> list[UserDevice]:
-        return await self.run(self.store.list_all_devices)
-
-    async def find_devices_by_hash(self, device_hash: str) -> list[UserDevice]:
-        return await self.run(self.store.find_devices_by_hash, device_hash)
-
-    async def user_id_for_device(self, device_hash: str) -> str | None:
-        return await self.run(self.store.user_id_for_device, device_hash)
+    save_user = _Offloaded(Store.save_user)
+    update_user = _Offloaded(Store.update_user)
+    increment_generation_count = _Offloaded(Store.increment_generation_count)
+    load_user = _Offloaded(Store.load_user)
+    list_users = _Offloaded(Store.list_users)
+    find_user_by_email = _Offloaded(Store.find_user_by_email)
+    find_user_by_provider = _Offloaded(Store.find_user_by_provider)
+    delete_user = _Offloaded(Store.delete_user)
+    add_device_for_user = _Offloaded(Store.add_device_for_user)
+    list_devices_for_user = _Offloaded(Store.list_devices_for_user)
+    list_all_devices = _Offloaded(Store.list_all_devices)
+    find_devices_by_hash = _Offloaded(Store.find_devices_by_hash)
+    user_id_for_device = _Offloaded(Store.user_id_for_device)
 
     # --- API keys, Stripe events, rate limits --------------------------------------------------
 
-    async def save_api_key(self, api_key: ApiKey) -> ApiKey:
-        return await self.run(self.store.save_api_key, api_key)
-
-    async def load_api_key(self, key_id: str) -> ApiKey | None:
-        return await self.run(self.store.load_api_key, key_id)
-
-    async def list_api_keys_for_user(self, user_id: str) -> list[ApiKey]:
-        return await self.run(self.store.list_api_keys_for_user, user_id)
-
-    async def delete_api_key(self, key_id: str) -> bool:
-        return await self.run(self.store.delete_api_key, key_id)
-
-    async def record_stripe_event(self, event_id: str, event_type: str, *, now: int | None = None) -> bool:
-        return await self.run(self.store.record_stripe_event, event_id, event_type, now=now)
-
-    async def take_rate_token(self, scope: str, subject: str, *, capacity: float, refill_per_s: float,
-                              cost: float = 1.0, now: int | None = None) -> RateDecision:
-        return await self.run(self.store.take_rate_token, scope, subject, capacity=capacity,
-                              refill_per_s=refill_per_s, cost=cost, now=now)
+    save_api_key = _Offloaded(Store.save_api_key)
+    load_api_key = _Offloaded(Store.load_api_key)
+    list_api_keys_for_user = _Offloaded(Store.list_api_keys_for_user)
+    delete_api_key = _Offloaded(Store.delete_api_key)
+    record_stripe_event = _Offloaded(Store.record_stripe_event)
+    take_rate_token = _Offloaded(Store.take_rate_token)

@@ -281,7 +281,7 @@ def _verify(tmp: Path, expected: _Copied) -> int:
         schema = read_version(store)
         digest = hashlib.blake2b(digest_size=32)
         count = 0
-        for key, value in store._rdict().items():
+        for key, value in store.scan(b""):
             digest.update(struct.pack("<II", len(key), len(value)) + key + value)
             count += 1
     finally:

@@ -4,6 +4,10 @@ The mixins (`MessageOps`, `ChatOps`, `UserOps`, `AccountOps`) subclass it, so ev
 use is typed here once: point reads, batches, prefix scans, key locks (all delegated to the engine,
 `kv.KV`), plus the decode-or-skip rule for corrupt values, the statistics counters and the per-chat
 tail cache that numbers new messages. `db.Store` puts the mixins together over one engine.
+
+The raw-key primitives (`get`, `batch`, `write`, `scan`, `decode_or_skip`, ...) are public because
+work below the records needs them too: the migration that rebuilds the indexes, the backup's check
+of its copy, tests. Writes through `write` are counted in the statistics like the operations' own.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
+from .codec import decode
 from .errors import CorruptRecord
 from .kv import KV, Batch, KeyLocks
-from .records import decode
 
 if TYPE_CHECKING:
     from .records import Chat, User, UserDevice
@@ -53,32 +57,37 @@ class StoreCore:
     _tails: OrderedDict[str, tuple[int, int]]
     _tails_lock: threading.Lock
 
-    @property
-    def _locks(self) -> KeyLocks:
-        return self._kv.locks
+    # --- raw keys and values: the operations' primitives, public for the migration and tools -----
 
-    def _get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> bytes | None:
         return self._kv.get(key)
 
-    def _get_many(self, keys_: list[bytes]) -> list[bytes | None]:
+    def get_many(self, keys_: list[bytes]) -> list[bytes | None]:
         return self._kv.get_many(keys_)
 
-    def _batch(self) -> Batch:
+    def batch(self) -> Batch:
         return self._kv.batch()
 
-    def _write(self, batch: Batch) -> None:
+    def write(self, batch: Batch) -> None:
         """Commit `batch` (nothing for an empty one); `StoreWriteError` when it is refused."""
         if batch.len():
             self._kv.write(batch)
             self._counters.add("writes")
 
-    def _scan(self, prefix: bytes, *, reverse: bool = False, after: bytes | None = None,
-              page: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+    def scan(self, prefix: bytes, *, reverse: bool = False, after: bytes | None = None,
+             page: int | None = None) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) whose key starts with `prefix`, in key order (or reversed), strictly
         after `after` when given; `page`: how many entries the caller expects to need."""
         return self._kv.scan(prefix, reverse=reverse, after=after, page=page)
 
-    def _decode(self, cls: type[R], key: bytes, raw: bytes | None) -> R | None:
+    def is_empty(self) -> bool:
+        return self._kv.is_empty()
+
+    def put_durable(self, key: bytes, value: bytes) -> None:
+        """One write that survives an OS crash whatever the sync setting (the schema version)."""
+        self._kv.put_durable(key, value)
+
+    def decode_or_skip(self, cls: type[R], key: bytes, raw: bytes | None) -> R | None:
         """Decode a stored value, or log + count + return None when it is corrupt or missing."""
         if raw is None:
             return None
@@ -89,8 +98,14 @@ class StoreCore:
             log.warning("corrupt %s record at %r skipped: %s", cls.__name__, key[:200], error)
             return None
 
+    # --- for the operations ---------------------------------------------------------------------
+
+    @property
+    def _locks(self) -> KeyLocks:
+        return self._kv.locks
+
     def _load(self, cls: type[R], key: bytes) -> R | None:
-        return self._decode(cls, key, self._get(key))
+        return self.decode_or_skip(cls, key, self.get(key))
 
     def _count(self, name: str, n: int = 1) -> None:
         self._counters.add(name, n)

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -82,7 +82,7 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
     _counters: Counters = attrs.field(factory=Counters, alias="_counters")
     _tails: OrderedDict[str, tuple[int, int]] = attrs.field(factory=OrderedDict, alias="_tails")
     _tails_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="_tails_lock")
-    _aio: Any = attrs.field(default=None, alias="_aio")
+    _aio: AsyncStore | None = attrs.field(default=None, alias="_aio")
 
     @classmethod
     def open(cls, location: Path | str, *, sync: bool = False, migrate: bool = True,
@@ -120,6 +120,11 @@ class Store(MessageOps, ChatOps, UserOps, AccountOps):
     def where(self) -> str:
         """The directory, or the URL without its password: safe to log and show."""
         return self._kv.where
+
+    @property
+    def default_threads(self) -> int:
+        """Worker threads `AsyncStore` uses by default on this engine."""
+        return self._kv.default_threads
 
     @property
     def path(self) -> str:

@@ -14,13 +14,17 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-__all__ = ["KV", "Batch", "KeyLocks", "upper_bound"]
+__all__ = ["KV", "Batch", "KeyLocks", "Puts", "upper_bound"]
 
 
-class Batch(Protocol):
-    """Writes applied together by `KV.write`, all or nothing, later operations winning."""
+class Puts(Protocol):
+    """Where index entries go: a `Batch`, or the migration's writer that commits every so many."""
 
     def put(self, key: bytes, value: bytes) -> None: ...
+
+
+class Batch(Puts, Protocol):
+    """Writes applied together by `KV.write`, all or nothing, later operations winning."""
 
     def delete(self, key: bytes) -> None: ...
 

@@ -15,10 +15,11 @@ from typing import Any
 import attrs
 
 from . import keys
+from .codec import encode
 from .core import StoreCore
 from .keys import check_id
 from .kv import Batch
-from .records import Message, encode, now_ms
+from .records import Message, now_ms
 
 
 __all__ = ["MessageOps"]
@@ -43,9 +44,9 @@ class MessageOps(StoreCore):
         with self._locks.hold("chat:" + chat_id):
             if existing_chat_only and self._chat_gone(chat_id):
                 return None
-            batch = self._batch()
+            batch = self.batch()
             stored, summary_changed = self._put_message(batch, message)
-            self._write(batch)
+            self.write(batch)
             if summary_changed:
                 self._refresh_summary_pointer(chat_id)
         return stored
@@ -55,13 +56,13 @@ class MessageOps(StoreCore):
         check_id(chat_id, "chat id")
         check_id(message_id, "message id")
         with self._locks.hold("chat:" + chat_id):
-            key = self._get(keys.ix_msg_id(chat_id, message_id))
+            key = self.get(keys.ix_msg_id(chat_id, message_id))
             if key is None:
                 return False
             message = self._load(Message, key)
-            batch = self._batch()
+            batch = self.batch()
             self._drop_message(batch, chat_id, message_id, key, message)
-            self._write(batch)
+            self.write(batch)
             if message is None or message.role == SUMMARY:
                 self._refresh_summary_pointer(chat_id)
             return True
@@ -77,15 +78,15 @@ class MessageOps(StoreCore):
         check_id(chat_id, "chat id")
         check_id(message_id, "message id")
         with self._locks.hold("chat:" + chat_id):
-            key = self._get(keys.ix_msg_id(chat_id, message_id))
+            key = self.get(keys.ix_msg_id(chat_id, message_id))
             old = None if key is None else self._load(Message, key)
             if old is None:
                 return None
             new = change(_with(old))
             new.id, new.chat_id, new.seq, new.ts = old.id, old.chat_id, old.seq, old.ts
-            batch = self._batch()
+            batch = self.batch()
             batch.put(key, encode(new))
-            self._write(batch)
+            self.write(batch)
             if (old.role == SUMMARY) != (new.role == SUMMARY):
                 self._refresh_summary_pointer(chat_id)
             return new
@@ -94,7 +95,7 @@ class MessageOps(StoreCore):
         """Delete every message of the chat with `role`; returns how many (one batch)."""
         check_id(chat_id, "chat id")
         with self._locks.hold("chat:" + chat_id):
-            batch = self._batch()
+            batch = self.batch()
             count = 0
             for key, message in self._chat_entries(chat_id):
                 if message.role == role:
@@ -102,7 +103,7 @@ class MessageOps(StoreCore):
                     count += 1
             if role == SUMMARY:
                 batch.delete(keys.ix_summary(chat_id))
-            self._write(batch)
+            self.write(batch)
             return count
 
     def replace_summary(
@@ -119,13 +120,13 @@ class MessageOps(StoreCore):
         with self._locks.hold("chat:" + chat_id):
             if existing_chat_only and self._chat_gone(chat_id):
                 return None
-            batch = self._batch()
+            batch = self.batch()
             for key, old in self._chat_entries(chat_id):
                 if old.role == SUMMARY or old.id == message.id:
                     self._drop_message(batch, chat_id, old.id, key, old)
             # the new summary is the chat's newest message, even when it reuses an old summary's id
             stored, _ = self._put_message(batch, message, fresh=True)
-            self._write(batch)
+            self.write(batch)
             return stored
 
     # --- reads -------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class MessageOps(StoreCore):
             return []
         newest: list[Message] = []
         for prefix in (keys.msg_prefix(chat_id), keys.legacy_msg_prefix(chat_id)):
-            for key, raw in self._scan(prefix, reverse=True, page=last - len(newest)):
+            for key, raw in self.scan(prefix, reverse=True, page=last - len(newest)):
                 message = self._message_of(chat_id, key, raw)
                 if message is not None:
                     newest.append(message)
@@ -153,7 +154,7 @@ class MessageOps(StoreCore):
         """One message by id (through the index), or None."""
         check_id(chat_id, "chat id")
         check_id(message_id, "message id")
-        key = self._get(keys.ix_msg_id(chat_id, message_id))
+        key = self.get(keys.ix_msg_id(chat_id, message_id))
         if key is None:
             return None
         message = self._load(Message, key)
@@ -164,7 +165,7 @@ class MessageOps(StoreCore):
     def chat_summary(self, chat_id: str) -> Message | None:
         """The chat's last ``summary`` message, or None (one index read, no scan)."""
         check_id(chat_id, "chat id")
-        key = self._get(keys.ix_summary(chat_id))
+        key = self.get(keys.ix_summary(chat_id))
         if key is None:
             return None
         message = self._load(Message, key)
@@ -186,16 +187,16 @@ class MessageOps(StoreCore):
         pending: list[tuple[int, bytes]] = []
 
         def flush() -> None:
-            values = self._get_many([target for _, target in pending])
+            values = self.get_many([target for _, target in pending])
             for (ts, target), raw in zip(pending, values):
-                message = self._decode(Message, target, raw)
+                message = self.decode_or_skip(Message, target, raw)
                 if message is None:
                     self._count("stale")
                     continue
                 found.append(message)
             pending.clear()
 
-        for key, target in self._scan(keys.IX_RECENT, reverse=True, page=limit + 1):
+        for key, target in self.scan(keys.IX_RECENT, reverse=True, page=limit + 1):
             ts = int(key[len(keys.IX_RECENT): len(keys.IX_RECENT) + 16])
             if boundary is not None and ts != boundary:
                 break
@@ -221,7 +222,7 @@ class MessageOps(StoreCore):
     # --- internals (callers hold the chat's lock) ----------------------------------------------
 
     def _message_of(self, chat_id: str, key: bytes, raw: bytes) -> Message | None:
-        message = self._decode(Message, key, raw)
+        message = self.decode_or_skip(Message, key, raw)
         if message is not None and message.chat_id != chat_id:
             self._count("foreign")
             return None
@@ -230,17 +231,17 @@ class MessageOps(StoreCore):
     def _chat_entries(self, chat_id: str) -> Iterator[tuple[bytes, Message]]:
         """(key, message) for every readable message of the chat, in order."""
         for prefix in (keys.legacy_msg_prefix(chat_id), keys.msg_prefix(chat_id)):
-            for key, raw in self._scan(prefix):
+            for key, raw in self.scan(prefix):
                 message = self._message_of(chat_id, key, raw)
                 if message is not None:
                     yield key, message
 
     def _chat_gone(self, chat_id: str) -> bool:
         """No metadata and no message: the chat was deleted (or never existed)."""
-        if self._get(keys.chat_meta_key(chat_id)) is not None:
+        if self.get(keys.chat_meta_key(chat_id)) is not None:
             return False
         return not any(True for prefix in (keys.legacy_msg_prefix(chat_id), keys.msg_prefix(chat_id))
-                       for _ in self._scan(prefix, page=1))
+                       for _ in self.scan(prefix, page=1))
 
     def _chat_tail(self, chat_id: str) -> tuple[int, int]:
         """(last seq, last ts in ms) of the chat: cached, else read from the ends of both prefixes."""
@@ -248,14 +249,14 @@ class MessageOps(StoreCore):
         if tail is not None:
             return tail
         seq, last_ts = 0, 0
-        for key, raw in self._scan(keys.msg_prefix(chat_id), reverse=True, page=2):
+        for key, raw in self.scan(keys.msg_prefix(chat_id), reverse=True, page=2):
             seq = max(seq, keys.seq_of_msg_key(key))  # the last key's, even when its value is corrupt
             message = self._message_of(chat_id, key, raw)
             if message is not None:
                 last_ts = message.ts_ms
                 break
         if last_ts == 0:
-            for key, raw in self._scan(keys.legacy_msg_prefix(chat_id), reverse=True, page=2):
+            for key, raw in self.scan(keys.legacy_msg_prefix(chat_id), reverse=True, page=2):
                 message = self._message_of(chat_id, key, raw)
                 if message is not None:
                     last_ts = message.ts_ms
@@ -270,7 +271,7 @@ class MessageOps(StoreCore):
         `fresh`: the caller already dropped any message with this id in `batch`; append it anew."""
         chat_id = message.chat_id
         message = _with(message)
-        existing_key = None if fresh else self._get(keys.ix_msg_id(chat_id, message.id))
+        existing_key = None if fresh else self.get(keys.ix_msg_id(chat_id, message.id))
         old = None if existing_key is None else self._load(Message, existing_key)
         summary_changed = False
         if existing_key is not None and old is not None:
@@ -308,12 +309,12 @@ class MessageOps(StoreCore):
         for key, message in self._chat_entries(chat_id):
             if message.role == SUMMARY:
                 last = key
-        batch = self._batch()
+        batch = self.batch()
         if last is None:
             batch.delete(keys.ix_summary(chat_id))
         else:
             batch.put(keys.ix_summary(chat_id), last)
-        self._write(batch)
+        self.write(batch)
 
 
 def _with(message: Message, **changes: Any) -> Message:

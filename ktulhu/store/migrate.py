@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 import attrs
 
 from . import keys
+from .chats import index_chat
 from .errors import StoreError
 from .keys import is_valid_id
 from .records import ApiKey, Chat, Message, User, UserDevice
+from .users import index_user
 
 if TYPE_CHECKING:
     from .db import Store
@@ -49,7 +51,7 @@ class IndexReport:
 
 
 def read_version(store: "Store") -> int:
-    raw = store._get(keys.SCHEMA_VERSION)
+    raw = store.get(keys.SCHEMA_VERSION)
     if raw is None:
         return 0
     try:
@@ -60,7 +62,7 @@ def read_version(store: "Store") -> int:
 
 def migrate(store: "Store") -> int:
     """Bring the store to `SCHEMA_VERSION`; returns the version it was at. Blocking."""
-    if store._get(keys.COPY_PROGRESS) is not None:
+    if store.get(keys.COPY_PROGRESS) is not None:
         raise StoreError(f"the store at {store.where} is an unfinished copy (`ktulhu store copy` stopped before "
                          "the end); run the same copy command again to finish it")
     version = read_version(store)
@@ -70,7 +72,7 @@ def migrate(store: "Store") -> int:
             f"understands ({SCHEMA_VERSION}); upgrade Ktulhu or use another KTULHU_STORE"
         )
     if version < 1:
-        if _is_empty(store):
+        if store.is_empty():
             log.info("new store at %s: schema version %d", store.where, SCHEMA_VERSION)
         else:
             log.info("migrating the store at %s from schema version %d to 1: building indexes", store.where, version)
@@ -81,18 +83,14 @@ def migrate(store: "Store") -> int:
     return version
 
 
-def _is_empty(store: "Store") -> bool:
-    return store._kv.is_empty()
-
-
 def _set_version(store: "Store", version: int) -> None:
-    store._kv.put_durable(keys.SCHEMA_VERSION, str(version).encode())
+    store.put_durable(keys.SCHEMA_VERSION, str(version).encode())
 
 
 class _Writer:
     def __init__(self, store: "Store") -> None:
         self.store = store
-        self.batch = store._batch()
+        self.batch = store.batch()
 
     def put(self, key: bytes, value: bytes) -> None:
         self.batch.put(key, value)
@@ -100,39 +98,39 @@ class _Writer:
             self.flush()
 
     def flush(self) -> None:
-        self.store._write(self.batch)
-        self.batch = self.store._batch()
+        self.store.write(self.batch)
+        self.batch = self.store.batch()
 
 
 def rebuild_indexes(store: "Store") -> IndexReport:
     """Delete and rebuild every index from the records. Blocking; needs exclusive use of the store."""
     report = IndexReport()
-    clear = store._batch()
+    clear = store.batch()
     for prefix in (keys.IX, keys.DEVICE_CHAT):
         clear.delete_range(prefix, keys.next_prefix(prefix))
-    store._write(clear)
+    store.write(clear)
     out = _Writer(store)
 
     def skip(what: str, key: bytes) -> None:
         report.skipped_ids += 1
         log.warning("not indexed (unsafe id): %s at %r", what, key[:200])
 
-    for key, raw in store._scan(keys.CHAT_META):
-        chat = store._decode(Chat, key, raw)
+    for key, raw in store.scan(keys.CHAT_META):
+        chat = store.decode_or_skip(Chat, key, raw)
         if chat is None:
             continue
         if not is_valid_id(chat.id) or key != keys.chat_meta_key(chat.id):
             skip("chat", key)
             continue
-        store._index_chat(out, chat)
+        index_chat(out, chat)
         report.chats += 1
 
     summaries: dict[str, bytes] = {}
     for prefix in (b"chat:", keys.MSG):
-        for key, raw in store._scan(prefix):
+        for key, raw in store.scan(prefix):
             if key.startswith(keys.CHAT_META):
                 continue
-            message = store._decode(Message, key, raw)
+            message = store.decode_or_skip(Message, key, raw)
             if message is None:
                 continue
             chat_id = message.chat_id
@@ -148,18 +146,18 @@ def rebuild_indexes(store: "Store") -> IndexReport:
     for chat_id, key in summaries.items():
         out.put(keys.ix_summary(chat_id), key)
 
-    users = [u for k, v in store._scan(keys.USER) if (u := store._decode(User, k, v)) is not None]
+    users = [u for k, v in store.scan(keys.USER) if (u := store.decode_or_skip(User, k, v)) is not None]
     users.sort(key=lambda u: (u.created_ts, u.id))  # the earliest user keeps a shared email
     taken: dict[bytes, bytes] = {}
     for user in users:
         if not is_valid_id(user.id):
             skip("user", keys.user_key(user.id))
             continue
-        report.identity_conflicts += store._index_user(out, user, taken)
+        report.identity_conflicts += index_user(out, user, taken)
         report.users += 1
 
-    for key, raw in store._scan(keys.USER_DEVICE):
-        device = store._decode(UserDevice, key, raw)
+    for key, raw in store.scan(keys.USER_DEVICE):
+        device = store.decode_or_skip(UserDevice, key, raw)
         if device is None:
             continue
         if not (is_valid_id(device.user_id) and is_valid_id(device.device_hash) and is_valid_id(device.id)):
@@ -168,8 +166,8 @@ def rebuild_indexes(store: "Store") -> IndexReport:
         out.put(keys.ix_device(device.device_hash, device.user_id, device.id), key)
         report.devices += 1
 
-    for key, raw in store._scan(keys.APIKEY):
-        api_key = store._decode(ApiKey, key, raw)
+    for key, raw in store.scan(keys.APIKEY):
+        api_key = store.decode_or_skip(ApiKey, key, raw)
         if api_key is None or not (is_valid_id(api_key.id) and is_valid_id(api_key.user_id)):
             continue
         out.put(keys.ix_user_apikey(api_key.user_id, api_key.id), api_key.id.encode())

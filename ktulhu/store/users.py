@@ -17,14 +17,15 @@ from contextlib import nullcontext
 import attrs
 
 from . import keys
+from .codec import encode
 from .core import StoreCore
 from .errors import IdentityTaken, InvalidId
 from .keys import check_id, is_valid_id
-from .kv import Batch
-from .records import User, UserDevice, encode, now_ms
+from .kv import Puts
+from .records import User, UserDevice, now_ms
 
 
-__all__ = ["QuotaResult", "UserOps", "normalise_email"]
+__all__ = ["QuotaResult", "UserOps", "index_user", "normalise_email"]
 
 log = logging.getLogger("ktulhu.store")
 
@@ -104,9 +105,9 @@ class UserOps(StoreCore):
             if by > 0 and limit is not None and new_count > limit:
                 return QuotaResult(allowed=False, generation_count=user.generation_count)
             user.generation_count = new_count
-            batch = self._batch()
+            batch = self.batch()
             batch.put(keys.user_key(user_id), encode(user))
-            self._write(batch)
+            self.write(batch)
             return QuotaResult(allowed=True, generation_count=new_count)
 
     def load_user(self, user_id: str) -> User | None:
@@ -116,7 +117,7 @@ class UserOps(StoreCore):
 
     def list_users(self) -> list[User]:
         """Every user (admin use)."""
-        return [u for k, v in self._scan(keys.USER) if (u := self._decode(User, k, v)) is not None]
+        return [u for k, v in self.scan(keys.USER) if (u := self.decode_or_skip(User, k, v)) is not None]
 
     def find_user_by_email(self, email: str) -> User | None:
         """The user with this email (normalised), through the index."""
@@ -135,23 +136,23 @@ class UserOps(StoreCore):
         check_id(user_id, "user id")
         with self._locks.hold("user:" + user_id), self._locks.identity:
             old = self._load(User, keys.user_key(user_id))
-            existed = self._get(keys.user_key(user_id)) is not None
-            batch = self._batch()
+            existed = self.get(keys.user_key(user_id)) is not None
+            batch = self.batch()
             batch.delete(keys.user_key(user_id))
             for key, _ in _identities(old).items():
-                if self._get(key) == user_id.encode():
+                if self.get(key) == user_id.encode():
                     batch.delete(key)
-            for key, raw in self._scan(keys.user_device_prefix(user_id)):
+            for key, raw in self.scan(keys.user_device_prefix(user_id)):
                 batch.delete(key)
-                device = self._decode(UserDevice, key, raw)
+                device = self.decode_or_skip(UserDevice, key, raw)
                 if device is not None and is_valid_id(device.device_hash):
                     batch.delete(keys.ix_device(device.device_hash, user_id, device.id))
-                    if self._get(keys.device_lookup_key(device.device_hash)) == user_id.encode():
+                    if self.get(keys.device_lookup_key(device.device_hash)) == user_id.encode():
                         batch.delete(keys.device_lookup_key(device.device_hash))
-            for key, raw in self._scan(keys.ix_user_apikey_prefix(user_id)):
+            for key, raw in self.scan(keys.ix_user_apikey_prefix(user_id)):
                 batch.delete(key)
                 batch.delete(keys.apikey_key(raw.decode(errors="replace")))
-            self._write(batch)
+            self.write(batch)
             return existed
 
     # --- devices -------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ class UserOps(StoreCore):
         now = now_ms() if now is None else now
         with self._locks.hold("user:" + user_id):
             device = None
-            for _, target in self._scan(keys.ix_device_prefix(device_hash, user_id)):
+            for _, target in self.scan(keys.ix_device_prefix(device_hash, user_id)):
                 device = self._load(UserDevice, target)
                 if device is not None:
                     break
@@ -174,29 +175,29 @@ class UserOps(StoreCore):
             else:
                 device.last_seen_ts = now
             record_key = keys.user_device_key(user_id, device.id)
-            batch = self._batch()
+            batch = self.batch()
             batch.put(record_key, encode(device))
             batch.put(keys.ix_device(device_hash, user_id, device.id), record_key)
             batch.put(keys.device_lookup_key(device_hash), user_id.encode())
-            self._write(batch)
+            self.write(batch)
             return device
 
     def list_devices_for_user(self, user_id: str) -> list[UserDevice]:
         check_id(user_id, "user id")
-        return [d for k, v in self._scan(keys.user_device_prefix(user_id))
-                if (d := self._decode(UserDevice, k, v)) is not None]
+        return [d for k, v in self.scan(keys.user_device_prefix(user_id))
+                if (d := self.decode_or_skip(UserDevice, k, v)) is not None]
 
     def list_all_devices(self) -> list[UserDevice]:
         """Every registered device (admin use)."""
-        return [d for k, v in self._scan(keys.USER_DEVICE) if (d := self._decode(UserDevice, k, v)) is not None]
+        return [d for k, v in self.scan(keys.USER_DEVICE) if (d := self.decode_or_skip(UserDevice, k, v)) is not None]
 
     def find_devices_by_hash(self, device_hash: str) -> list[UserDevice]:
         """Every user's device record for this hash, through the index."""
         check_id(device_hash, "device hash")
-        targets = [t for _, t in self._scan(keys.ix_device_prefix(device_hash))]
+        targets = [t for _, t in self.scan(keys.ix_device_prefix(device_hash))]
         found = []
-        for target, raw in zip(targets, self._get_many(targets)):
-            device = self._decode(UserDevice, target, raw)
+        for target, raw in zip(targets, self.get_many(targets)):
+            device = self.decode_or_skip(UserDevice, target, raw)
             if device is None:
                 self._count("stale")
             else:
@@ -206,13 +207,13 @@ class UserOps(StoreCore):
     def user_id_for_device(self, device_hash: str) -> str | None:
         """The last user who signed in from this device (``device_lookup``), or None."""
         check_id(device_hash, "device hash")
-        raw = self._get(keys.device_lookup_key(device_hash))
+        raw = self.get(keys.device_lookup_key(device_hash))
         return None if raw is None else raw.decode(errors="replace")
 
     # --- internals -----------------------------------------------------------------------------
 
     def _user_by_index(self, index_key: bytes) -> User | None:
-        raw = self._get(index_key)
+        raw = self.get(index_key)
         if raw is None:
             return None
         user_id = raw.decode(errors="replace")
@@ -229,38 +230,39 @@ class UserOps(StoreCore):
         old_ids, new_ids = _identities(old), _identities(user)
         changed = old_ids.keys() != new_ids.keys()
         with self._locks.identity if changed else nullcontext():
-            batch = self._batch()
+            batch = self.batch()
             me = user.id.encode()
             for key, (kind, value) in new_ids.items():
                 if key in old_ids:
                     continue
-                owner = self._get(key)
+                owner = self.get(key)
                 if owner is not None and owner != me:
                     owner_id = owner.decode(errors="replace")
-                    if self._get(keys.user_key(owner_id)) is not None:
+                    if self.get(keys.user_key(owner_id)) is not None:
                         raise IdentityTaken(kind, value, owner_id)
                 batch.put(key, me)
             for key in old_ids.keys() - new_ids.keys():
-                if self._get(key) == me:
+                if self.get(key) == me:
                     batch.delete(key)
             batch.put(keys.user_key(user.id), encode(user))
             for key, value in also:
                 batch.put(key, value)
-            self._write(batch)
+            self.write(batch)
 
-    def _index_user(self, batch: Batch, user: User, taken: dict[bytes, bytes]) -> int:
-        """Migration: index a user's identities unless an earlier user already has them; returns
-        how many were already taken (logged)."""
-        conflicts = 0
-        for key, (kind, value) in _identities(user).items():
-            if key in taken:
-                conflicts += 1
-                log.warning("user %s shares %s with user %s; only the earlier one is indexed",
-                            user.id, kind, taken[key].decode(errors="replace"))
-                continue
-            taken[key] = user.id.encode()
-            batch.put(key, taken[key])
-        return conflicts
+
+def index_user(out: Puts, user: User, taken: dict[bytes, bytes]) -> int:
+    """Migration: index a user's identities unless an earlier user already has them (`taken`: index
+    key -> user id so far); returns how many were already taken (logged)."""
+    conflicts = 0
+    for key, (kind, value) in _identities(user).items():
+        if key in taken:
+            conflicts += 1
+            log.warning("user %s shares %s with user %s; only the earlier one is indexed",
+                        user.id, kind, taken[key].decode(errors="replace"))
+            continue
+        taken[key] = user.id.encode()
+        out.put(key, taken[key])
+    return conflicts
 
 
 def _copy(user: User) -> User:

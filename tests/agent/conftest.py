@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -11,8 +10,7 @@ import trio
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.model import Model
 from ktulhu.settings import Settings, load_settings
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ import pytest
 import trio
 
 from ktulhu.cli import main
+from tests.paths import REPO
 
 from .terminal import on_terminal
 
-REPO = Path(__file__).resolve().parents[2]
 # A 135M model copies the prompt's example command; cover it and the other usual first words.
 STAND_INS = ("ls", "touch", "echo", "cat", "pwd", "mkdir", "python", "python3", "make", "pytest", "git", "rm",
              "cd", "find", "grep", "sh", "bash", "npm", "cargo", "head", "tail", "wc", "date", "whoami")
@@ -82,7 +82,9 @@ async def test_the_question_waits_on_a_terminal(recorder: tuple[Path, Path, dict
                            env=env) as terminal:
         with trio.fail_after(180):
             await terminal.read_until(b"[y/N]")
-            await trio.sleep(1.0)  # it waits: still running, nothing executed
+            # A real second, on purpose: "it waits for the answer" is a negative about another process,
+            # which signals nothing while it waits; one that went on would have run the command by now.
+            await trio.sleep(1.0)
             assert terminal.proc.returncode is None and terminal.proc.poll() is None
             assert not record.exists()
             await terminal.type(b"n\n")

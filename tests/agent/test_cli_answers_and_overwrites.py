@@ -26,10 +26,10 @@ from ktulhu.agent.tools import ToolBox
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.settings import Settings
+from tests.paths import REPO
 
 from .terminal import on_terminal
 
-REPO = Path(__file__).resolve().parents[2]
 REVIEW_GOAL = "Create a file named fruit.txt that contains the word banana."
 REPLACE_GOAL = "Replace the text in fruit.txt with apple."
 
@@ -145,7 +145,9 @@ async def test_the_overwrite_question_waits_on_a_terminal(fruit: Path) -> None:
                                  REPLACE_GOAL), cwd=REPO, env=_env()) as terminal:
         with trio.fail_after(180):
             await terminal.read_until(b"[y/N]")
-            await trio.sleep(1.0)  # it waits, and the file is untouched meanwhile
+            # A real second, on purpose: "it waits for the answer" is a negative about another process,
+            # which signals nothing while it waits; one that went on would have replaced the file by now.
+            await trio.sleep(1.0)
             assert terminal.proc.poll() is None and (fruit / "fruit.txt").read_text() == "banana\n"
             await terminal.type(b"n\n")
             await terminal.read_until(b"summary:")

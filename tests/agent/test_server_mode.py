@@ -17,8 +17,6 @@ from ktulhu.auth.api_keys import create_key
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.store.records import User
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 async def _api_key(server) -> str:
     store = server.runtime.store

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from ktulhu import native_build
 from ktulhu.local_cluster import llama_server
 from ktulhu.settings import default_model_path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ anything else).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -26,13 +25,13 @@ from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.http.completions import CompletionRequest, parse_completion
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
 from api.helpers import JSON_VALUES, openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 pytestmark = pytest.mark.model
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
@@ -145,13 +144,13 @@ async def test_health_and_models_context_size(live_server) -> None:
             assert (await http.get("/health")).status_code == 200
 
             card = (await http.get("/v1/models", headers=bearer(token))).json()["data"][0]
-            engine = runtime.engine
+            engine = runtime.engine.get()
             assert card["max_model_len"] == engine.n_ctx_seq == card["meta"]["n_ctx"]
             assert card["meta"]["n_ctx_train"] == engine.model.info.n_ctx_train
             assert card["meta"]["n_vocab"] == engine.model.info.n_vocab
         sdk = openai_client(server, token)
         listed = (await sdk.models.list()).data[0]
-        assert listed.max_model_len == runtime.engine.n_ctx_seq  # the SDK keeps the extra fields
+        assert listed.max_model_len == runtime.engine.get().n_ctx_seq  # the SDK keeps the extra fields
         assert (await sdk.models.retrieve(listed.id)).max_model_len == listed.max_model_len
         await sdk.close()
 
@@ -164,7 +163,7 @@ async def test_health_and_models_context_size(live_server) -> None:
 async def test_remote_mode_completions_and_tokenizer(live_server, llama_worker) -> None:
     env = {**ENV, "KTULHU_WORKERS": f"{llama_worker.url}|slots=1", "LLAMA_CLI_MODEL": "models/not-here.gguf"}
     async with live_server(**env) as server, httpx.AsyncClient(base_url=llama_worker.url, timeout=30) as worker:
-        assert server.runtime.engine.__class__ is RemoteEngine
+        assert server.runtime.engine.get().__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
         sdk = openai_client(server, token)
         completion = await _complete(sdk)

@@ -30,13 +30,13 @@ from ktulhu.engine.remote import RemoteEngine
 from ktulhu.http.embeddings import MAX_INPUTS, EmbeddingRequest, parse_embeddings
 from ktulhu.local_cluster import llama_server
 from ktulhu.settings import default_model_path
+from tests.paths import REPO
 
 from api.helpers import JSON_VALUES
 from auth.helpers import bearer, client, make_user
 
 pytestmark = pytest.mark.model
 
-REPO = Path(__file__).resolve().parents[2]
 CTX = 256
 ENV = {"KTULHU_LOGIN_RATE": "0", "LLAMA_CLI_CTX": str(CTX)}
 CAT = "The cat sat on the mat."
@@ -81,7 +81,7 @@ async def test_local_embeddings(live_server) -> None:
         runtime = server.runtime
         _, token = make_user(runtime)  # a free user: embeddings spend no generation quota
         sdk = _sdk(server, token)
-        embedder = runtime.embedder
+        embedder = runtime.embedder.get()
         assert isinstance(embedder, LocalEmbedder)
 
         (cat,), answer = await _vectors(sdk, CAT)
@@ -154,12 +154,12 @@ async def test_a_separate_embedding_model(live_server, tmp_path: Path) -> None:
     async with live_server(**ENV, KTULHU_EMBEDDING_MODEL=str(model)) as server:
         _, token = make_user(server.runtime)
         sdk = _sdk(server, token)
-        embedder = server.runtime.embedder
+        embedder = server.runtime.embedder.get()
         assert embedder._context is None  # nothing loaded before the first request
         vectors, answer = await _vectors(sdk, [CAT, REVENUE])
         assert answer.model == model.stem and {len(v) for v in vectors} == {N_EMBD}
         assert embedder._context is not None and embedder._context.owns_model
-        assert embedder._context.model is not server.runtime.engine.model
+        assert embedder._context.model is not server.runtime.engine.get().model
         await sdk.close()
     assert embedder._context is None
 
@@ -201,7 +201,7 @@ def embedding_worker(tmp_path_factory: pytest.TempPathFactory):
 async def test_remote_mode_forwards_to_the_worker(live_server, embedding_worker) -> None:
     env = {**ENV, "KTULHU_WORKERS": f"{embedding_worker.url}|slots=1", "LLAMA_CLI_MODEL": "models/not-here.gguf"}
     async with live_server(**env) as server:
-        assert server.runtime.engine.__class__ is RemoteEngine
+        assert server.runtime.engine.get().__class__ is RemoteEngine
         _, token = make_user(server.runtime)
         sdk = _sdk(server, token)
         (cat, cat_too, revenue), answer = await _vectors(sdk, [CAT, CAT_TOO, REVENUE])

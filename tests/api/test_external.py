@@ -308,4 +308,4 @@ async def test_hostile_generate_bodies_change_nothing(live_server) -> None:
                 assert r.status_code == status, (raw[:60], r.status_code, r.text[:200])
                 assert isinstance(r.json()["error"], str) and r.json()["message"]
         assert snapshot(runtime) == before
-        assert runtime.engine.stats().busy_slots == 0
+        assert runtime.engine.get().stats().busy_slots == 0

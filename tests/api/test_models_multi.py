@@ -37,14 +37,14 @@ def tiny_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_models_pick_load_and_unload(live_server, tiny_file) -> None:
     async with live_server(**ENV, KTULHU_MODELS=f"tiny={tiny_file}|ctx=512", KTULHU_MODEL_KEEP_ALIVE="0") as server:
         runtime = server.runtime
-        pool = runtime.models
+        pool = runtime.models.get()
         default = runtime.settings.model_file.stem
         _, token = make_user(runtime, role="paid")
         async with httpx.AsyncClient(base_url=server.url, headers=bearer(token), timeout=60) as http:
             with trio.fail_after(120):
                 listed = (await http.get("/v1/models")).json()["data"]
                 assert [(m["id"], m["loaded"]) for m in listed] == [(default, True), ("tiny", False)]
-                assert listed[0]["max_model_len"] == runtime.engine.n_ctx_seq and "meta" in listed[0]
+                assert listed[0]["max_model_len"] == runtime.engine.get().n_ctx_seq and "meta" in listed[0]
                 assert listed[1]["max_model_len"] == 512 and "meta" not in listed[1]
                 assert (await http.get("/v1/models/tiny")).json()["loaded"] is False
 

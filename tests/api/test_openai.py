@@ -150,24 +150,15 @@ async def _open_stream_and_leave(server, path: str, headers: dict, payload: dict
     return got
 
 
-async def _slots_free_within(runtime, seconds: float) -> float:
-    started = trio.current_time()
+async def _idle_within(runtime, seconds: float) -> None:
+    """Until no generation is queued or running. A generation is counted by reason as it ends, on
+    the trio thread, after its slot is freed and before the engine can be idle."""
     with trio.fail_after(seconds):
-        while runtime.engine.stats().busy_slots:
-            await trio.sleep(0.02)
-    return trio.current_time() - started
+        await runtime.engine.get().wait_idle()
 
 
 def _cancelled_count() -> float:
     return REGISTRY.get_sample_value("ktulhu_engine_generations_total", {"reason": "cancelled"}) or 0.0
-
-
-async def _cancelled_reaches(value: float, seconds: float = 5) -> None:
-    """Finished generations are counted on the trio thread just after their slot is freed: wait."""
-    with trio.fail_after(seconds):
-        while _cancelled_count() < value:
-            await trio.sleep(0.02)
-    assert _cancelled_count() == value
 
 
 async def test_client_disconnect_cancels_generation(live_server, caplog) -> None:
@@ -183,8 +174,8 @@ async def test_client_disconnect_cancels_generation(live_server, caplog) -> None
         assert len(got) == 4 and b"[DONE]" not in got[-1]
         # the 300-character reply was still running when we left; its slot is freed promptly
         # the 400-token reply was still running when we left: it ends cancelled and frees its slot
-        await _slots_free_within(runtime, 5)
-        await _cancelled_reaches(before + 1)
+        await _idle_within(runtime, 5)
+        assert _cancelled_count() == before + 1
         # the external API's stream as well
         free, free_token = make_user(runtime)
         got = await _open_stream_and_leave(
@@ -192,8 +183,8 @@ async def test_client_disconnect_cancels_generation(live_server, caplog) -> None
             {"prompt": "Count from 1 to 500, separated by commas.", "stream": True, "max_tokens": 400,
              "temperature": 0}, events=4)
         assert json.loads(got[0][6:])["user_id"] == free.id
-        await _slots_free_within(runtime, 5)
-        await _cancelled_reaches(before + 2)
+        await _idle_within(runtime, 5)
+        assert _cancelled_count() == before + 2
         # a reply that reached the caller counts against the quota
         assert runtime.store.load_user(free.id).generation_count == 1
     errors = [(r.name, r.getMessage(), r.exc_text) for r in caplog.records if r.levelno >= logging.ERROR]
@@ -278,4 +269,4 @@ async def test_busy_engine_refunds_the_reservation(live_server) -> None:
                 assert r.status_code == 503 and r.json()["error"] == "server_busy"
                 # the two refused requests were refunded; the three admitted ones are paid for
                 assert runtime.store.load_user(user.id).generation_count == 3
-        await _slots_free_within(runtime, 5)
+        await _idle_within(runtime, 5)

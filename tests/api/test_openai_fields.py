@@ -12,7 +12,6 @@ bodies (a `Problem` naming a field, never anything else).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -29,13 +28,13 @@ from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.http.openai import ChatRequest, parse_request
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
 from api.helpers import JSON_VALUES, openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
 pytestmark = pytest.mark.model
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 #: A prompt the model answers with a short JSON object under `json_object` (it ends by itself).
@@ -72,7 +71,7 @@ def _assert_cat(text: str) -> None:
 
 async def test_sampling_fields_reach_the_samplers(live_server) -> None:
     async with live_server(**ENV) as server:
-        model = server.runtime.engine.model
+        model = server.runtime.engine.get().model
         _, token = make_user(server.runtime, role="paid")
         sdk = openai_client(server, token)
 
@@ -264,10 +263,11 @@ async def test_default_client_call(live_server) -> None:
 
 
 async def _running_generation(runtime):
-    """The generation in a slot, once it has produced a token (polled, no timing asserted)."""
+    """The generation in a slot, once it has produced a token: polled (no timing asserted), as the
+    engine signals a generation's end but not its first token."""
     with trio.fail_after(60):
         while True:
-            for worker in runtime.engine._workers:
+            for worker in runtime.engine.get()._workers:
                 for slot in worker.slots:
                     gen = slot.gen
                     if gen is not None and gen.metrics.generated_tokens >= 1:
@@ -336,7 +336,7 @@ def test_remote_request_body_carries_the_fields() -> None:
 async def test_remote_mode_passes_the_fields_on(live_server, llama_worker) -> None:
     env = {**ENV, "KTULHU_WORKERS": f"{llama_worker.url}|slots=1", "LLAMA_CLI_MODEL": "models/not-here.gguf"}
     async with live_server(**env) as server, httpx.AsyncClient(base_url=llama_worker.url, timeout=30) as worker:
-        assert server.runtime.engine.__class__ is RemoteEngine
+        assert server.runtime.engine.get().__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
         sdk = openai_client(server, token)
         text = _text(await _ask(sdk))

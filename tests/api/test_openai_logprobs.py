@@ -11,7 +11,6 @@ that ignores `logprobs` (a clear error, never a reply silently without them), an
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,11 +25,11 @@ from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.request import EngineError, Finished, Generation, RequestMetrics, TokenLogprob
 from ktulhu.engine.sampling import SamplingParams, token_logprobs
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
 from api.helpers import openai_client
 from auth.helpers import bearer, client, make_user
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 6
@@ -156,7 +155,7 @@ async def test_invalid_logprobs_fields_are_400s_naming_them(live_server) -> None
 async def test_remote_mode_relays_the_workers_logprobs(live_server, llama_worker) -> None:
     env = {**ENV, "KTULHU_WORKERS": f"{llama_worker.url}|slots=1", "LLAMA_CLI_MODEL": "models/not-here.gguf"}
     async with live_server(**env) as server:
-        assert server.runtime.engine.__class__ is RemoteEngine
+        assert server.runtime.engine.get().__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
         sdk = openai_client(server, token)
         for top in (0, 5):

@@ -12,7 +12,6 @@ field, never anything else).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -26,11 +25,11 @@ from ktulhu.engine.remote import RemoteEngine
 from ktulhu.engine.sampling import check_grammar
 from ktulhu.http.openai import parse_request
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
 from api.helpers import JSON_VALUES, openai_client
 from auth.helpers import bearer, client, make_user, snapshot
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
 _SETTINGS = load_settings(environ={"JWT_SECRET": "s" * 40}, root=REPO)
 
@@ -204,7 +203,7 @@ async def test_remote_mode_calls_tools_the_same_way(live_server, llama_worker) -
     """The worker is sent the reply schema as a `response_format`: it needs no tool support."""
     env = {**ENV, "KTULHU_WORKERS": f"{llama_worker.url}|slots=1", "LLAMA_CLI_MODEL": "models/not-here.gguf"}
     async with live_server(**env) as server:
-        assert server.runtime.engine.__class__ is RemoteEngine
+        assert server.runtime.engine.get().__class__ is RemoteEngine
         _, token = make_user(server.runtime, role="paid")
         sdk = openai_client(server, token)
         called = await _ask(sdk, tools=[WEATHER, CLOCK], tool_choice=NAMED)

@@ -25,7 +25,7 @@ ENV = {"LLAMA_CLI_MAX_TOKENS": "16", "KTULHU_LOGIN_RATE": "0"}
 async def test_tokenize_detokenize(live_server) -> None:
     async with live_server(**ENV) as server:
         runtime = server.runtime
-        n_vocab = runtime.engine.model.info.n_vocab
+        n_vocab = runtime.engine.get().model.info.n_vocab
         _, token = make_user(runtime)
         text = "Hello, world! Grüße <|im_end|> 🐱"
         async with client(server) as http:

@@ -52,14 +52,14 @@ async def test_logout_revokes_the_presented_token(live_server) -> None:
             assert await _ws_status(server, other) == 101
 
             # bad requests change nothing
-            before = list(runtime.store._scan(REVOKED_JWT))
+            before = list(runtime.store.scan(REVOKED_JWT))
             _, key = await runtime.store.aio.run(create_key, runtime.store, first["user_id"], "k")
             for headers, status, code in [({}, 401, "login_required"), (bearer("junk"), 401, "invalid_token"),
                                           ({"Authorization": "Basic eDp5"}, 401, "invalid_token"),
                                           (bearer(key), 403, "jwt_required")]:
                 r = await http.post("/api/auth/logout", headers=headers)
                 assert (r.status_code, r.json()["error"]) == (status, code), headers
-            assert list(runtime.store._scan(REVOKED_JWT)) == before
+            assert list(runtime.store.scan(REVOKED_JWT)) == before
             assert (await http.get("/external/api/usage", headers=bearer(key))).status_code == 200
 
             # the entry lives as long as the token would have, then the sweep drops it
@@ -92,21 +92,21 @@ async def test_email_accounts_from_one_address_share_one_free_quota(live_server)
             bea = store.load_user(r.json()["user_id"])
 
         ann, ann2, ann3 = users
-        reservations = [await quota.reserve(runtime, ann) for _ in range(2)]
-        reservations.append(await quota.reserve(runtime, ann2))
+        reservations = [await quota.reserve(runtime.store, runtime.settings, ann) for _ in range(2)]
+        reservations.append(await quota.reserve(runtime.store, runtime.settings, ann2))
         # three generations among the accounts made from 127.0.0.2: the pool is used up
         for user in (ann2, ann3):
             with pytest.raises(quota.QuotaExceeded):
-                await quota.reserve(runtime, user)
+                await quota.reserve(runtime.store, runtime.settings, user)
         assert store.load_user(ann3.id).generation_count == 0  # a refused reservation counts nowhere
         # another address has its own pool
         for _ in range(3):
-            await quota.reserve(runtime, bea)
+            await quota.reserve(runtime.store, runtime.settings, bea)
         # a refund gives back to the pool too
         await reservations[0].refund()
-        await quota.reserve(runtime, ann3)
+        await quota.reserve(runtime.store, runtime.settings, ann3)
         with pytest.raises(quota.QuotaExceeded):
-            await quota.reserve(runtime, ann3)
+            await quota.reserve(runtime.store, runtime.settings, ann3)
 
         # a verified email (Google/Apple linked it) leaves the pool; paid accounts are never pooled
         def verified(user):
@@ -114,6 +114,6 @@ async def test_email_accounts_from_one_address_share_one_free_quota(live_server)
             return user
 
         ann2 = await store.aio.update_user(ann2.id, verified)
-        await quota.reserve(runtime, ann2)
+        await quota.reserve(runtime.store, runtime.settings, ann2)
         paid = await store.aio.update_user(ann3.id, lambda u: setattr(u, "role", "paid") or u)
-        await quota.reserve(runtime, paid)
+        await quota.reserve(runtime.store, runtime.settings, paid)

@@ -8,6 +8,7 @@ import time
 import jwt
 import pytest
 import trio
+import trio.testing
 
 from ktulhu.auth.tokens import verify_token
 
@@ -75,7 +76,10 @@ async def test_google_and_apple_sign_in_and_linking(live_server) -> None:
             # owner signs in with Google and gets the account; the squatter's password, JWT and keys die
             squat = (await http.post("/api/auth/register", json={"email": "victim@example.com",
                                                                  "password": "squatter-pass"})).json()
-            await trio.sleep(1.1)  # the squatter's token is from an earlier second than the takeover
+            # A real second, on purpose: a takeover revokes the JWTs issued before its second (`iat` and
+            # `sessions_after` are whole Unix seconds of time.time(), which the server reads with no way
+            # to inject a clock), so a squatter's token from the takeover's own second would survive.
+            await trio.sleep(1.1)
             key = (await http.post("/external/api/keys", headers=bearer(squat["jwt"]), json={"name": "k"})).json()["key"]
             assert (await http.get("/external/api/usage", headers=bearer(key))).status_code == 200
             r = await http.post("/api/auth/google", json={"id_token": google.token(
@@ -135,7 +139,10 @@ async def test_id_token_verification_failures(live_server) -> None:
         assert snapshot(runtime) == before
 
 
-async def test_key_rotation_ttl_and_provider_outage(live_server) -> None:
+async def test_key_rotation_ttl_and_provider_outage(live_server, mock_clock: trio.testing.MockClock) -> None:
+    # The key cache keeps time on trio's clock: this one runs at real speed (the servers' own timeouts
+    # work as usual), and the test jumps it past the cache's TTL instead of sleeping.
+    mock_clock.rate = 1.0
     async with fake_idp() as google, fake_idp() as apple, live_server(**_env(google, apple, KTULHU_JWKS_TTL="2")) as server:
         async with client(server) as http:
             ok = await http.post("/api/auth/google", json={"id_token": google.token(sub="r-1")})
@@ -164,12 +171,12 @@ async def test_key_rotation_ttl_and_provider_outage(live_server) -> None:
             assert google.hits - 2 <= elapsed + 1, (google.hits, elapsed)
             # past the TTL the keys are fetched again
             fetched = google.hits
-            await trio.sleep(2.2)
+            mock_clock.jump(2.2)
             assert (await http.post("/api/auth/google", json={"id_token": google.token(sub="r-1")})).status_code == 200
             assert google.hits == fetched + 1
             # provider down: cached keys keep working...
             google.mode = "error"
-            await trio.sleep(2.2)
+            mock_clock.jump(2.2)
             r = await http.post("/api/auth/google", json={"id_token": google.token(sub="r-1")})
             assert r.status_code == 200 and google.hits == fetched + 2
             # ...but a key we do not have gives a clear 502

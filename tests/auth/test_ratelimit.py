@@ -31,7 +31,7 @@ def take(store: Store, subject: str, now: int, cost: float = 1.0):
 
 
 def records(store: Store, prefix: bytes = RATELIMIT) -> list[bytes]:
-    return [key for key, _ in store._scan(prefix)]
+    return [key for key, _ in store.scan(prefix)]
 
 
 def test_full_buckets_are_not_kept(store: Store) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+from tests.paths import REPO
+
+ARTIFACTS = REPO / "test-artifacts"
 
 
 def chromium_path() -> str | None:

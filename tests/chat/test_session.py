@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -17,10 +16,8 @@ from ktulhu.auth.principal import ANONYMOUS
 from ktulhu.chat.hub import SummaryEvent, SummaryHub
 from ktulhu.chat.session import ChatSession, StalledReader
 from ktulhu.chat.turns import ChatBusy, TurnQueue
-from ktulhu.nurseries import tree
-from ktulhu.nurseries.runtime import Runtime
-from ktulhu.settings import load_settings
 from ktulhu.store.records import Chat, Message
+from tests.servers import running_tree
 
 
 class MemorySocket:
@@ -45,20 +42,6 @@ class MemorySocket:
             return json.loads(await self.from_server.receive())
 
 
-@asynccontextmanager
-async def running_tree(root: Path, **env: str) -> AsyncIterator[Runtime]:
-    settings = load_settings(environ={"LLAMA_CLI_THREADS": "1", "JWT_SECRET": "s" * 40, "KTULHU_ANON_RATE": "0",
-                                      **env}, root=root)
-    runtime = Runtime(settings)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(tree.run, runtime)
-        with trio.fail_after(60):
-            while not runtime.readiness.ready:
-                await trio.sleep(0.02)
-        yield runtime
-        nursery.cancel_scope.cancel()
-
-
 def prompt_frame(text: str, **fields: str) -> str:
     return json.dumps({"msg_type": "prompt", "request_id": str(uuid.uuid4()), "chat_id": "", "session_id": "s",
                        "device_hash": "d", "text": text, **fields})
@@ -67,18 +50,19 @@ def prompt_frame(text: str, **fields: str) -> str:
 @pytest.mark.model
 async def test_a_slow_reader_gets_fewer_longer_token_frames_and_loses_nothing(server_dir: Path) -> None:
     async with running_tree(server_dir, LLAMA_CLI_MAX_TOKENS="60", KTULHU_WS_QUEUE="4") as runtime:
+        engine = runtime.engine.get()
+        generated = trio.Event()
+        # the engine tells its `events` of each generation's end (this test's engine: only this test)
+        engine.events = attrs.evolve(engine.events, finished=lambda finished: generated.set())
         socket = MemorySocket()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ChatSession(runtime, socket, ANONYMOUS, "127.0.0.1").run)
             await socket.to_server.send(prompt_frame("Write a long poem about the moon and the stars."))
-            await trio.sleep(1.0)  # read nothing while the reply is generated
+            with trio.fail_after(60):  # read nothing until the whole reply is generated
+                await generated.wait()
             received = []
-            while True:
-                frame = await socket.frame()
-                received.append(frame)
-                if frame.get("done"):
-                    break
-                await trio.sleep(0.05)
+            while not received or not received[-1].get("done"):
+                received.append(await socket.frame())
             nursery.cancel_scope.cancel()
         token_frames = [f for f in received if "token" in f]
         chat_id = received[-1]["chat_id"]
@@ -96,9 +80,8 @@ async def test_a_reader_that_accepts_nothing_is_disconnected_and_its_prompt_canc
         await socket.to_server.send(prompt_frame("Write a very long story about a dragon."))
         with trio.fail_after(30):
             with pytest.RaisesGroup(StalledReader):
-                await ChatSession(runtime, socket, ANONYMOUS, "127.0.0.1").run()
-            while runtime.engine.stats().busy_slots:
-                await trio.sleep(0.01)
+                await ChatSession(runtime, socket, ANONYMOUS, "127.0.0.1").run()  # its prompt saved, cancelled
+            await runtime.engine.get().wait_idle()  # the cancelled generation has left its slot
         reply = next(m for m in runtime.store.list_recent_messages(5) if m.role == "assistant")
         assert reply.meta["cancelled"] is True
 
@@ -129,9 +112,9 @@ async def test_many_concurrent_sessions_each_get_their_own_frames(server_dir: Pa
         for i, frames in results.items():
             assert all(f["request_id"] == f"req-{i}" for f in frames)
             assert [f.get("done") for f in frames].count(True) == 1 and frames[-1]["reason"] in ("eos", "length")
-        with trio.fail_after(120):  # the title worker runs after the replies; then every slot is free
-            while runtime.engine.stats().busy_slots or runtime.summaries.queued:
-                await trio.sleep(0.05)
+        with trio.fail_after(120):  # every reply asked for its title before its `done`: then every slot is free
+            await runtime.summaries.get().wait_idle()
+            await runtime.engine.get().wait_idle()
 
 
 async def test_turns_on_one_chat_run_in_arrival_order_and_the_line_is_bounded(
@@ -197,16 +180,14 @@ async def test_a_title_that_takes_too_long_is_skipped_and_the_worker_goes_on(
             store.save_chat(Chat(id=chat_id, updated_ts=1))
             for role, text in (("user", "tell me about tea"), ("assistant", "tea is a drink")):
                 store.save_message(Message(id=str(uuid.uuid4()), chat_id=chat_id, role=role, text=text, ts=1))
-        worker = runtime.summaries
+        worker = runtime.summaries.get()
         monkeypatch.setattr(summaries, "GENERATION_TIMEOUT_S", 0.0)
         assert worker.request("slow")
         with trio.fail_after(30):
-            while worker.queued:
-                await trio.sleep(0.02)
+            await worker.wait_idle()
         assert worker.failed == 1 and store.chat_summary("slow") is None
         monkeypatch.setattr(summaries, "GENERATION_TIMEOUT_S", 60.0)
         assert worker.request("fine")
         with trio.fail_after(60):
-            while worker.queued:
-                await trio.sleep(0.02)
+            await worker.wait_idle()
         assert worker.made == 1 and store.chat_summary("fine").text

@@ -147,7 +147,7 @@ async def test_attachments_are_noted_and_stored(live_server) -> None:
 
 async def test_cancel_by_id_frees_the_slot_and_keeps_the_partial_reply(live_server) -> None:
     async with live_server(LLAMA_CLI_MAX_TOKENS="400", KTULHU_ANON_RATE="0") as server:
-        engine = server.runtime.engine
+        engine = server.runtime.engine.get()
         async with ws_client(server.ws_url + "/ws") as ws:
             rid = await ws.prompt("Write a very long story about a dragon and a knight, with many chapters.")
             while True:  # wait for the first token
@@ -159,10 +159,9 @@ async def test_cancel_by_id_frees_the_slot_and_keeps_the_partial_reply(live_serv
             frames = await ws.until_done(rid)
             ack = next(f for f in frames if f.get("event") == "cancel_ack")
             assert ack["cancelled"] == [rid]
-            assert frames[-1]["reason"] == "cancelled" and len(dones(frames)) == 1
+            assert frames[-1]["reason"] == "cancelled" and len(dones(frames)) == 1  # sent once the reply is saved
             with trio.fail_after(5):
-                while engine.stats().busy_slots:
-                    await trio.sleep(0.01)
+                await engine.wait_idle()
             chat_id = frames[-1]["chat_id"]
         reply = next(m for m in server.runtime.store.list_messages_for_chat(chat_id) if m.role == "assistant")
         assert reply.meta["cancelled"] is True and reply.meta["finish_reason"] == "cancelled" and reply.text
@@ -170,18 +169,25 @@ async def test_cancel_by_id_frees_the_slot_and_keeps_the_partial_reply(live_serv
 
 async def test_disconnect_cancels_every_prompt_of_the_socket(live_server) -> None:
     async with live_server(LLAMA_CLI_MAX_TOKENS="400", KTULHU_ANON_RATE="0", KTULHU_SLOTS="2") as server:
-        engine = server.runtime.engine
+        runtime = server.runtime
         async with ws_client(server.ws_url + "/ws") as ws:
             for _ in range(2):
                 await ws.prompt("Write a very long story about a dragon.")
-            seen = 0
-            while seen < 2:
-                if "token" in await ws.recv():
-                    seen += 1
+            chat_ids: set[str] = set()
+            while len(chat_ids) < 2:  # a token of each reply: both are generating
+                if "token" in (frame := await ws.recv()):
+                    chat_ids.add(frame["chat_id"])
         with trio.fail_after(10):
-            while engine.stats().busy_slots or server.runtime.store.list_recent_messages(10).__len__() < 4:
-                await trio.sleep(0.02)
-        replies = [m for m in server.runtime.store.list_recent_messages(10) if m.role == "assistant"]
+            # the cancelled replies are saved after their generations are told to stop, so an idle engine
+            # does not say they are stored; a chat's next turn starts only once they are: take and await one
+            for chat_id in chat_ids:
+                turn = runtime.turns.ticket(chat_id)
+                try:
+                    await runtime.turns.wait(turn)
+                finally:
+                    runtime.turns.leave(turn)
+            await runtime.engine.get().wait_idle()
+        replies = [m for m in runtime.store.list_recent_messages(10) if m.role == "assistant"]
         assert len(replies) == 2 and all(m.meta["cancelled"] for m in replies)
 
 

@@ -36,8 +36,8 @@ from cryptography.x509.oid import NameOID
 from chat.wsclient import dones, tokens, ws_client
 from ktulhu.http.openai import MAX_BODY as OPENAI_MAX_BODY
 from ktulhu.ports import free_port
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "nginx.conf"
 NGINX = Path("/usr/sbin/nginx")
 BIN = Path(sys.executable).parent

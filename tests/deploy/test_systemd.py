@@ -18,8 +18,8 @@ import trio
 from trio_websocket import open_websocket_url
 
 from ktulhu.settings import load_settings, setting_fields
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "ktulhu.service"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 MDWE = Path(__file__).with_name("mdwe.py")

@@ -14,8 +14,7 @@ from ktulhu.engine.model import Model
 from ktulhu.settings import load_settings
 
 from .tiny_gguf import write_tiny_gguf
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 @pytest.fixture(scope="session")

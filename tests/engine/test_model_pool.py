@@ -14,7 +14,7 @@ from ktulhu.engine.pool import ModelBudgetFull, ModelPool, ModelUnavailable, Unk
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.settings import SettingsError, load_settings
 
-from .conftest import REPO
+from tests.paths import REPO
 from .tiny_gguf import write_tiny_gguf
 
 LIMIT_S = 60

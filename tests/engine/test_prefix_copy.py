@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ktulhu.engine.model import Model
 from ktulhu.engine.sampling import SamplingParams
-from ktulhu.engine.worker import MIN_COPIED_TOKENS
+from ktulhu.engine.slot_choice import MIN_COPIED_TOKENS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 SYSTEM = ("<|im_start|>system\nYou are Ktulhu, a friendly and helpful assistant. Answer clearly and concisely, "

@@ -8,12 +8,10 @@ import pytest
 
 from ktulhu.engine.engine import _prompt_builder, _with_default_system
 from ktulhu.engine.model import Model
-from ktulhu.engine.prompt import (DEFAULT_SYSTEM, ChatMessage, ContextTooLong, PromptBuilder, PromptError,
-                                  render_content)
+from ktulhu.engine.prompt import DEFAULT_SYSTEM, ChatMessage, ContextTooLong, PromptBuilder, PromptError
 from ktulhu.settings import load_settings
 from tests.engine.tiny_gguf import write_tiny_gguf
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +102,6 @@ def test_embedded_gguf_template_can_be_used(smol_model: Model) -> None:
     builder = _prompt_builder(smol_model, load_settings(environ={"CHAT_TEMPLATE_PATH": "gguf"}, root=REPO))
     ids = builder.tokens([ChatMessage("user", "Hi")])
     assert ids[-3:] == smol_model.tokenize("<|im_start|>assistant\n", special=True)[-3:]
-
-
-def test_attachment_notes_layout() -> None:
-    assert render_content("look", ["A", "B"]) == (
-        "look\n\n\n\n[Attachments]\nUse the information below when it helps answer the user\u2019s message."
-        "\n\n- A\n\n- B")
-    assert render_content("  ", ["A"]).startswith("[Attachments]")
-    assert render_content(" plain ") == "plain"
 
 
 def test_auto_uses_the_models_own_template_with_ktulhus_default_system(smol_model: Model) -> None:

@@ -5,7 +5,6 @@ a duration."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,8 +16,8 @@ from ktulhu.engine.model import Model
 from ktulhu.engine.prompt import ChatMessage, ContextTooLong, PromptBuilder
 from ktulhu.engine.request import EngineClosed
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CHATML = (REPO / "chat_template.jinja").read_text(encoding="utf-8")
 #: Bounds the polling loops below; they end as soon as the state they wait for is reached.
 WAIT_S = 30
@@ -155,7 +154,7 @@ async def test_v1_and_ws_prompts_are_built_off_the_event_loop(live_server) -> No
     from chat.wsclient import dones, ws_client
 
     async with live_server(KTULHU_ANON_RATE="0", LLAMA_CLI_MAX_TOKENS="4") as server:
-        engine = server.runtime.engine
+        engine = server.runtime.engine.get()
         tokenize = engine.prompts.tokenize
         calls: list[tuple[str, int]] = []
         surface = "none"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -14,8 +13,8 @@ from ktulhu.engine.engine import _prompt_builder
 from ktulhu.engine.model import Model
 from ktulhu.engine.prompt import _CLOSE, _MARKER, _OPEN, ChatMessage, ContextTooLong, Prompt, PromptBuilder, PromptError
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CHATML = (REPO / "chat_template.jinja").read_text(encoding="utf-8")
 #: Templates whose scaffold around a message depends on its neighbours or its position: the
 #: builder must notice that sizes do not add up and still give the reference's answer.

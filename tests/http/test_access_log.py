@@ -46,11 +46,12 @@ def access_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def app_with_store(app: QuartTrio, tmp_path: Path) -> Iterator[QuartTrio]:
     """The in-process app with a real store (no model): sign-in and quota work, generation answers 503."""
     runtime = app.extensions[RUNTIME_KEY]
-    runtime.store = Store.open(tmp_path / "chatdb")
+    store = Store.open(tmp_path / "chatdb")
     try:
-        yield app
+        with runtime.opened_store.providing(store):
+            yield app
     finally:
-        runtime.store.close()
+        store.close()
 
 
 async def test_one_line_per_request_with_the_route_not_the_path(app_with_store, access_log) -> None:

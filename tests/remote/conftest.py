@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,8 +14,8 @@ from ktulhu import native_build
 from ktulhu.engine.remote import RemoteEngine
 from ktulhu.local_cluster import Member, llama_server
 from ktulhu.settings import default_model_path, load_settings
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 #: Slots (`--parallel`) of each llama-server and tokens of context of each slot.
 SLOTS = 2
 CTX_PER_SLOT = 1024

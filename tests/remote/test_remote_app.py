@@ -36,7 +36,7 @@ async def test_a_front_end_without_a_model_serves_through_the_workers(fleet, liv
     async with live_server(**remote_env(fleet)) as server:
         runtime = server.runtime
         assert not (server.root / "models/not-here.gguf").exists()
-        assert runtime.model is None and isinstance(runtime.engine, RemoteEngine)
+        assert runtime.model.current is None and isinstance(runtime.engine.current, RemoteEngine)
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             ready = await http.get("/readyz")
             assert ready.status_code == 200, ready.text
@@ -98,7 +98,7 @@ async def test_a_worker_killed_mid_reply(fleet, live_server) -> None:
     the next prompt served by the other worker; restarted on its port, the worker is re-admitted and
     the chat returns to it."""
     async with live_server(**remote_env(fleet, LLAMA_CLI_MAX_TOKENS="60")) as server:
-        engine = server.runtime.engine
+        engine = server.runtime.engine.get()
         assert isinstance(engine, RemoteEngine)
         async with ws_client(server.ws_url + "/ws") as ws:
             frames = await ws.ask("Hello!")

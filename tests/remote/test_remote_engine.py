@@ -16,7 +16,8 @@ from ktulhu.engine.routing import rank
 from ktulhu.engine.sampling import SamplingParams
 from ktulhu.settings import load_settings
 
-from .conftest import REPO, hostile_worker, slots_of, wait_until_idle, worker_list, worker_metric
+from tests.paths import REPO
+from .conftest import hostile_worker, slots_of, wait_until_idle, worker_list, worker_metric
 
 pytestmark = pytest.mark.model
 

@@ -12,8 +12,8 @@ import pytest
 
 from ktulhu.router.labels import HEADS
 from ktulhu.router.model import REQUIRED_FILES, IntentModel, RouterLoadError
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "models" / "intent_router"
 
 needs_model = pytest.mark.skipif(not (DEFAULT_DIR / "model.onnx").is_file(),

@@ -11,8 +11,8 @@ from ktulhu.nurseries import router as router_service
 from ktulhu.nurseries.runtime import Runtime
 from ktulhu.router.service import RouterLoadError
 from ktulhu.settings import load_settings
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "models" / "intent_router"
 
 
@@ -25,11 +25,11 @@ async def test_degraded_without_a_model(tmp_path):
     async with trio.open_nursery() as nursery:
         detail = await nursery.start(router_service.run, runtime)
         assert detail["status"] == "degraded"
-        assert runtime.router is not None and runtime.router.model is None
-        result = await runtime.router.classify("¿qué es DNS?", "es")
+        assert runtime.router.current is not None and runtime.router.get().model is None
+        result = await runtime.router.get().classify("¿qué es DNS?", "es")
         assert result.language == "es" and result.prompt_key == "chat_casual"
         nursery.cancel_scope.cancel()
-    assert runtime.router is None
+    assert runtime.router.current is None
 
 
 @pytest.mark.skipif(not (DEFAULT_DIR / "model.onnx").is_file(), reason="models/intent_router not built")
@@ -40,11 +40,11 @@ async def test_loads_the_configured_directory(tmp_path):
         detail = await nursery.start(router_service.run, runtime)
         assert detail["heads"] == "speech_act,domain,expectation,phatic,support"
         assert detail["device"] == "cpu"
-        assert runtime.router.timeout == 5.0
-        result = await runtime.router.classify("how do I set up a Postgres database?", "en")
+        assert runtime.router.get().timeout == 5.0
+        result = await runtime.router.get().classify("how do I set up a Postgres database?", "en")
         assert result.prompt_key == "reasoning"
         nursery.cancel_scope.cancel()
-    assert runtime.router is None
+    assert runtime.router.current is None
 
 
 async def test_explicit_broken_directory_fails(tmp_path):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from pathlib import Path
 
 import pytest
 
 from ktulhu.router import cli
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "models" / "intent_router"
 pytestmark = pytest.mark.skipif(not (DEFAULT_DIR / "model.onnx").is_file(), reason="models/intent_router not built")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ktulhu.router.train import TrainConfig, train
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = TrainConfig(vocab_size=400, max_length=32, embedding=16, channels=16, hidden=16, epochs=2, batch_size=32)
 
 

@@ -84,20 +84,20 @@ def write_legacy_db(path: Path) -> None:
 
 def dump(store: Store, prefix: bytes = b"") -> dict[bytes, bytes]:
     """Every key and value under `prefix`, on either engine."""
-    return dict(store._scan(prefix))
+    return dict(store.scan(prefix))
 
 
 def raw_put(store: Store, key: bytes, value: bytes) -> None:
     """Write bytes behind the operations' back (corrupt records, old versions), on either engine."""
-    batch = store._batch()
+    batch = store.batch()
     batch.put(key, value)
-    store._write(batch)
+    store.write(batch)
 
 
 def raw_delete(store: Store, key: bytes) -> None:
-    batch = store._batch()
+    batch = store.batch()
     batch.delete(key)
-    store._write(batch)
+    store.write(batch)
 
 
 @pytest.fixture(params=ENGINES)

@@ -24,10 +24,10 @@ from ktulhu.store import backup as backup_module
 from ktulhu.store import keys
 from ktulhu.store.backup import BackupError, backup
 from ktulhu.store.migrate import SCHEMA_VERSION, rebuild_indexes
+from tests.paths import REPO
 
 from .conftest import dump, write_legacy_db
 
-REPO = Path(__file__).resolve().parents[2]
 INDEX_PREFIXES = (keys.IX, keys.DEVICE_CHAT)
 
 

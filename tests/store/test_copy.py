@@ -19,12 +19,10 @@ from ktulhu.ports import free_port
 from ktulhu.store import Message, Store, StoreError
 from ktulhu.store.copy import PROGRESS_KEY, copy_store
 from ktulhu.store.rocks import RocksKV
+from tests.paths import REPO
 
 from .conftest import write_legacy_db
 from .test_backup import fill, fingerprint
-
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @contextmanager

@@ -15,10 +15,10 @@ import pytest
 
 from ktulhu.store import Message, Store, StoreLockedError
 from ktulhu.store import keys
+from tests.paths import REPO
 
 from .conftest import raw_put
 
-REPO = Path(__file__).resolve().parents[2]
 
 WRITER = textwrap.dedent("""
     import sys
@@ -88,7 +88,7 @@ def test_corrupt_values_are_logged_counted_and_skipped(store: Store, caplog: pyt
     store.save_message(Message(id="good", chat_id="c", role="user", ts=1_700_000_000_000))
     store.save_message(Message(id="bad", chat_id="c", role="user", ts=1_700_000_000_001))
     store.ensure_chat_for_device("c", "dev")
-    bad_key = store._get(keys.ix_msg_id("c", "bad"))
+    bad_key = store.get(keys.ix_msg_id("c", "bad"))
     raw_put(store, bad_key, b'{"id": "bad", "chat_id": "c", "ts": "not a number"')
     raw_put(store, keys.chat_meta_key("broken"), b"\x00\xff")
     raw_put(store, keys.user_key("u9"), b"[]")

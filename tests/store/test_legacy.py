@@ -45,7 +45,7 @@ def test_original_records_are_left_byte_for_byte(legacy_location: Location) -> N
     store = Store.open(legacy_location)
     try:
         for chat_id, ts, message_id, raw in LEGACY_MESSAGES:
-            assert store._get(keys.legacy_msg_key(chat_id, ts, message_id)) == raw
+            assert store.get(keys.legacy_msg_key(chat_id, ts, message_id)) == raw
     finally:
         store.close()
 

@@ -39,7 +39,7 @@ INDEX_PREFIXES = (keys.IX, keys.DEVICE_CHAT)
 
 
 def index_dump(store: Store) -> dict[bytes, bytes]:
-    return {k: v for k, v in store._scan(b"") if k.startswith(INDEX_PREFIXES)}
+    return {k: v for k, v in store.scan(b"") if k.startswith(INDEX_PREFIXES)}
 
 
 # `new_location` makes a fresh store per example (a new directory, or a new database)

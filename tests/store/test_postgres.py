@@ -19,10 +19,9 @@ from ktulhu.ports import free_port
 from ktulhu.store import Chat, Message, Store, StoreError, User
 from ktulhu.store.errors import StoreWriteError
 from ktulhu.store.postgres import LAYOUT_VERSION, PostgresKV
+from tests.paths import REPO
 
 from .conftest import dump
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -215,7 +214,7 @@ def test_layout_durability_and_statistics(store: Store, location: str) -> None:
     stats = store.statistics()
     assert stats.sync is True and stats.path == store.where and stats.schema_version == 1
     assert store.engine == "postgresql" and store.shared_url == location
-    assert store.aio._threads == kv.default_threads > 2
+    assert store.aio.queue_statistics().threads == kv.default_threads > 2
 
 
 def test_a_newer_layout_is_refused(location: str) -> None:
@@ -279,16 +278,16 @@ def test_connections_dropped_by_the_server_are_replaced(store: Store, location: 
 def test_recent_messages_read_one_page_of_the_index(store: Store) -> None:
     kv = store._kv
     assert isinstance(kv, PostgresKV)
-    batch = store._batch()
+    batch = store.batch()
     for i in range(3000):  # messages written straight into the index range (fast)
         message = Message(id=f"m{i:05d}", chat_id=f"c{i % 30}", role="user", ts=1_700_000_000_000 + i, seq=i + 1)
         from ktulhu.store import keys
-        from ktulhu.store.records import encode
+        from ktulhu.store.codec import encode
 
         key = keys.msg_key(message.chat_id, i + 1)
         batch.put(key, encode(message))
         batch.put(keys.ix_recent(message.ts_ms, message.chat_id, message.id), key)
-    store._write(batch)
+    store.write(batch)
     before = kv.rows_scanned
     recent = store.list_recent_messages(25)
     assert [m.id for m in recent] == [f"m{i:05d}" for i in range(2999, 2974, -1)]

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ktulhu.store.errors import CorruptRecord
+from ktulhu.store.codec import decode, encode
 from ktulhu.store.records import (
-    ApiKey, Chat, Message, MessageAttachment, RateBucket, StripeEvent, User, UserDevice, decode, encode, ts_ms,
+    ApiKey, Chat, Message, MessageAttachment, RateBucket, StripeEvent, User, UserDevice, ts_ms,
 )
 
 from .conftest import LEGACY_CHATS, LEGACY_DEVICES, LEGACY_MESSAGES, LEGACY_USERS

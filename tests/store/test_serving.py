@@ -44,7 +44,7 @@ async def test_a_server_on_postgresql_serves_a_history_copied_from_rocksdb(
             assert thread["messages"][0]["text"] == "Привет"
             put = await client.put("/chat-thread/c-legacy-1/summary", json={"summary": "Greeting, again"})
             assert put.status_code == 200, put.text
-        assert server.runtime.store is not None and server.runtime.store.engine == "postgresql"
+        assert server.runtime.store.engine == "postgresql"
         replica = Store.open(location)  # another front-end on the same database sees the write at once
         try:
             assert replica.chat_summary("c-legacy-1").text == "Greeting, again"

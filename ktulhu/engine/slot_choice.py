@@ -1,0 +1,79 @@
+"""The slot-reuse policy of a decode worker: which idle slot a new request takes, and whether it
+starts from a copy of another slot's cached prefix.
+
+Finished sequences keep their KV cache, keyed by the tokens it holds. A request should land where
+the most of its prompt is cached (a follow-up turn of the same chat) and evict as little as
+possible; a prefix cached in another slot (a system prompt shared across chats, a repeated API
+prompt) is worth copying only when it saves `MIN_COPIED_TOKENS` of prefill. Pure functions over
+the slots' cached tokens: the worker applies the choice to llama.cpp's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeVar
+
+__all__ = ["MIN_COPIED_TOKENS", "CachedSlot", "choose_slot", "common_prefix", "copy_source"]
+
+#: Prefill tokens a copy of another slot's KV must save to be worth a whole-stream copy (it costs
+#: about one memcpy of a slot's KV).
+MIN_COPIED_TOKENS = 32
+
+
+class CachedSlot(Protocol):
+    """What the policy reads of a slot."""
+
+    #: Tokens whose KV is in the slot, in order.
+    cached: list[int]
+    #: The chat whose tokens these are (None: a request without a chat).
+    chat_id: str | None
+    #: When its last generation ended (any monotonic clock).
+    last_used: float
+
+
+S = TypeVar("S", bound=CachedSlot)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def choose_slot(idle: Sequence[S], prompt: Sequence[int], chat_id: str | None) -> S:
+    """The slot among `idle` (at least one) for `prompt`, losing as little cached work as possible.
+
+    1. the slot of the same chat, or one whose whole cache is a prefix of the prompt (a follow-up
+       turn): the longest common prefix wins, then the most recently used;
+    2. else an empty slot;
+    3. else the least recently used one is evicted (a shared system prompt alone is not worth
+       evicting another conversation's cache: `copy_source` shares it instead).
+    """
+    affine = []
+    for slot in idle:
+        common = common_prefix(slot.cached, prompt)
+        if slot.cached and (common == len(slot.cached) or (chat_id is not None and slot.chat_id == chat_id)):
+            affine.append((common, slot.last_used, slot))
+    if affine:
+        return max(affine, key=lambda entry: entry[:2])[2]
+    empty = [s for s in idle if not s.cached]
+    if empty:
+        return empty[0]
+    return min(idle, key=lambda s: s.last_used)
+
+
+def copy_source(target: CachedSlot, idle: Iterable[S], prompt: Sequence[int]) -> tuple[S, int] | None:
+    """Another slot among `idle` that caches a longer prefix of `prompt` than `target` does, by at
+    least `MIN_COPIED_TOKENS`, and the length of that prefix (the longest; the first slot on a tie);
+    None when no copy pays."""
+    best = common_prefix(target.cached, prompt) + MIN_COPIED_TOKENS - 1
+    donor = None
+    for other in idle:
+        if other is not target and other.cached:
+            common = common_prefix(other.cached, prompt)
+            if common > best:
+                best, donor = common, other
+    return None if donor is None else (donor, best)

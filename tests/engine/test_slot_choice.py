@@ -1,0 +1,83 @@
+"""The slot-reuse policy on plain records: which idle slot a request takes, and when a copy of
+another slot's cached prefix pays. No model: the policy only reads cached tokens, chats and ages."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from ktulhu.engine.slot_choice import MIN_COPIED_TOKENS, choose_slot, common_prefix, copy_source
+
+SYSTEM = list(range(100, 100 + 2 * MIN_COPIED_TOKENS))  # a system prompt long enough to be worth a copy
+
+
+@attrs.define(eq=False)
+class Slot:
+    name: str
+    cached: list[int] = attrs.field(factory=list)
+    chat_id: str | None = None
+    last_used: float = 0.0
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([], [1, 2]) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([5], [6]) == 0
+
+
+def test_a_follow_up_turn_goes_where_its_previous_turn_is_cached() -> None:
+    empty = Slot("empty")
+    mine = Slot("mine", [1, 2, 3], chat_id="a")
+    assert choose_slot([empty, mine], [1, 2, 3, 4, 5], "a") is mine
+    # the same without a chat id: a cache that is a whole prefix of the prompt is as good
+    assert choose_slot([empty, mine], [1, 2, 3, 4, 5], None) is mine
+
+
+def test_the_same_chat_keeps_its_slot_when_its_last_reply_is_replaced() -> None:
+    mine = Slot("mine", [1, 2, 3, 7, 8], chat_id="a")  # the reply being regenerated differs
+    assert choose_slot([Slot("empty"), mine], [1, 2, 3, 9], "a") is mine
+
+
+def test_the_longest_cached_prefix_wins_then_the_most_recent() -> None:
+    short = Slot("short", [1, 2], last_used=5.0)
+    long = Slot("long", [1, 2, 3], last_used=1.0)
+    assert choose_slot([short, long], [1, 2, 3, 4], None) is long
+    older = Slot("older", [1, 2, 3], last_used=0.5)
+    newer = Slot("newer", [1, 2, 3], last_used=2.0)
+    assert choose_slot([older, newer], [1, 2, 3, 4], None) is newer
+
+
+def test_a_shared_prefix_alone_does_not_claim_another_chats_slot() -> None:
+    other = Slot("other", [*SYSTEM, 1, 2], chat_id="b")  # only the system prompt is common
+    empty = Slot("empty")
+    assert choose_slot([other, empty], [*SYSTEM, 3, 4], "a") is empty
+    # an empty slot of the same chat is merely empty: the first empty slot is taken
+    first = Slot("first")
+    assert choose_slot([first, Slot("same", chat_id="a")], [1, 2], "a") is first
+
+
+def test_without_an_empty_slot_the_least_recently_used_is_evicted() -> None:
+    old = Slot("old", [7, 8], chat_id="b", last_used=1.0)
+    recent = Slot("recent", [9], chat_id="c", last_used=3.0)
+    assert choose_slot([recent, old], [1, 2], "a") is old
+
+
+@pytest.mark.parametrize(("saved", "pays"), [(MIN_COPIED_TOKENS, True), (MIN_COPIED_TOKENS - 1, False)])
+def test_a_copy_pays_only_when_it_saves_enough_prefill(saved: int, pays: bool) -> None:
+    prompt = list(range(1000, 1000 + 200))
+    target = Slot("target", prompt[:10] + [0])  # its own cache shares 10 tokens
+    donor = Slot("donor", prompt[:10 + saved] + [0, 0])
+    assert copy_source(target, [target, donor], prompt) == ((donor, 10 + saved) if pays else None)
+
+
+def test_the_copy_comes_from_the_longest_prefix_never_from_the_target_or_an_empty_slot() -> None:
+    prompt = [*SYSTEM, 1, 2, 3, 4]
+    target = Slot("target")
+    shorter = Slot("shorter", [*SYSTEM, 9])
+    longer = Slot("longer", [*SYSTEM, 1, 2, 8])
+    same = Slot("same", [*SYSTEM, 1, 2, 7])
+    assert copy_source(target, [Slot("empty"), target, shorter, longer, same], prompt) == (longer, len(SYSTEM) + 2)
+    # the target's own cache is never its donor, however long
+    target.cached = list(prompt)
+    assert copy_source(target, [target], prompt) is None

@@ -1,0 +1,72 @@
+"""The step-cost model without a model: calibration samples and measured steps in, prefill chunk
+sizes out."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ktulhu.engine.step_cost import EMA, MIN_PREFILL_CHUNK, StepCost
+
+
+def test_calibration_times_a_minimal_prefill_then_a_one_token_step() -> None:
+    asked: list[int] = []
+
+    def measure(n_tokens: int) -> float:
+        asked.append(n_tokens)
+        return {MIN_PREFILL_CHUNK: 0.064, 1: 0.02}[n_tokens]
+
+    costs = StepCost.calibrate(measure, n_batch=512, step_target_s=0.1)
+    assert asked == [MIN_PREFILL_CHUNK, 1]
+    assert costs.prefill_token_s == pytest.approx(0.001) and costs.decode_step_s == pytest.approx(0.02)
+    # alone, a step may prefill what the target allows; beside streams, what their decode leaves
+    assert costs.prefill_budget(0) == 100
+    assert costs.prefill_budget(3) == 80
+
+
+def test_slow_prefill_keeps_the_minimal_chunk_and_fast_prefill_fills_the_batch() -> None:
+    cpu = StepCost(512, 0.1, decode_step_s=0.05, prefill_token_s=0.01)  # 10 ms a token: 5 would fit
+    assert cpu.prefill_budget(2) == MIN_PREFILL_CHUNK
+    gpu = StepCost(512, 0.1, decode_step_s=0.005, prefill_token_s=1e-6)
+    assert gpu.prefill_budget(2) == 510  # what n_batch leaves beside the two streams' tokens
+    overloaded = StepCost(512, 0.1, decode_step_s=0.3, prefill_token_s=1e-4)  # decoding alone is too long
+    assert overloaded.prefill_budget(4) == MIN_PREFILL_CHUNK
+    uncalibrated = StepCost(512, 0.1)
+    assert uncalibrated.prefill_budget(0) == 512
+
+
+def test_steps_without_prefill_teach_the_decode_cost() -> None:
+    costs = StepCost(512, 0.1, decode_step_s=0.02, prefill_token_s=0.001)
+    costs.learn(generating=4, prefilled=0, elapsed=0.04)
+    assert costs.decode_step_s == pytest.approx(0.02 + EMA * 0.02)
+    assert costs.prefill_token_s == 0.001
+
+
+def test_prefill_steps_teach_the_token_cost_net_of_the_decode_share() -> None:
+    costs = StepCost(512, 0.1, decode_step_s=0.02, prefill_token_s=0.001)
+    costs.learn(generating=2, prefilled=100, elapsed=0.32)  # (0.32 - 0.02) / 100 = 3 ms a token
+    assert costs.prefill_token_s == pytest.approx(0.001 + EMA * 0.002)
+    alone = StepCost(512, 0.1, decode_step_s=0.02, prefill_token_s=0.001)
+    alone.learn(generating=0, prefilled=100, elapsed=0.3)  # no stream: the whole step was prefill
+    assert alone.prefill_token_s == pytest.approx(0.001 + EMA * 0.002)
+    fast = StepCost(512, 0.1, decode_step_s=0.02, prefill_token_s=0.001)
+    fast.learn(generating=1, prefilled=100, elapsed=0.01)  # faster than the decode estimate: never negative
+    assert fast.prefill_token_s == pytest.approx(0.001 * (1 - EMA))
+    assert fast.decode_step_s == 0.02
+
+
+def test_the_chunk_follows_a_change_of_speed() -> None:
+    costs = StepCost(512, 0.1, decode_step_s=0.01, prefill_token_s=0.0001)  # calibrated on an idle machine
+    assert costs.prefill_budget(1) == 512 - 1
+    for _ in range(60):  # then prefill slows down to 1 ms a token (a busy CPU)
+        costs.learn(generating=1, prefilled=200, elapsed=0.01 + 0.2)
+    assert costs.prefill_budget(1) == 90
+
+
+@given(decode=st.floats(0.0, 10.0), token=st.floats(0.0, 1.0), target=st.floats(0.001, 10.0),
+       generating=st.integers(0, 256))
+def test_the_budget_stays_between_the_minimal_chunk_and_the_batch(decode: float, token: float, target: float,
+                                                                   generating: int) -> None:
+    budget = StepCost(512, target, decode_step_s=decode, prefill_token_s=token).prefill_budget(generating)
+    assert MIN_PREFILL_CHUNK <= budget <= 512 - generating
