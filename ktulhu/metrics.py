@@ -27,8 +27,9 @@ __all__ = [
     "BATCH_SIZE", "DECODE_STEPS", "E2E_LATENCY", "EVENT_LOOP_LAG", "FINISHED_REASONS", "GENERATED_TOKENS",
     "GENERATIONS", "HTTP_LATENCY", "HTTP_REQUESTS", "INTER_TOKEN", "PREFILL_CHUNK_TOKENS", "PREFIX_CACHE_HITS",
     "PREFIX_CACHE_QUERIES", "PROMPT_TOKENS", "QUEUE_TIME", "REQUEST_GENERATION_TOKENS", "REQUEST_PROMPT_TOKENS",
-    "REQUEST_SUCCESS", "ROUTER_LATENCY", "TTFT", "WS_PROMPTS", "WS_SESSIONS", "ENGINE_EVENTS", "RuntimeCollector",
-    "engine_panel", "install_collector", "observe_finished", "observe_step", "token_rate",
+    "REQUEST_SUCCESS", "ROUTER_LATENCY", "SPEC_ACCEPTED_TOKENS", "SPEC_DRAFT_TOKENS", "TTFT", "WS_PROMPTS",
+    "WS_SESSIONS", "ENGINE_EVENTS", "RuntimeCollector", "engine_panel", "install_collector", "observe_drafted",
+    "observe_finished", "observe_step", "token_rate",
 ]
 
 WS_SESSIONS = Gauge("ktulhu_ws_sessions", "Open /ws connections.")
@@ -100,6 +101,12 @@ PREFILL_CHUNK_TOKENS = Histogram(
     "ktulhu_prefill_chunk_tokens", "Prompt tokens prefilled in one decode step (steps that prefill only).",
     buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
 )
+SPEC_DRAFT_TOKENS = Counter(
+    "ktulhu_spec_decode_num_draft_tokens", "Draft tokens verified by speculative decoding (local engine only).",
+)
+SPEC_ACCEPTED_TOKENS = Counter(
+    "ktulhu_spec_decode_num_accepted_tokens", "Draft tokens accepted by speculative decoding (local engine only).",
+)
 for _reason in ("stop", "length", "cancelled", "error"):  # every series exists from the start, at 0
     REQUEST_SUCCESS.labels(_reason)
 ROUTER_LATENCY = Histogram(
@@ -158,8 +165,14 @@ def observe_step(sequences: int, prefilled: int) -> None:
         PREFILL_CHUNK_TOKENS.observe(prefilled)
 
 
+def observe_drafted(drafted: int, accepted: int) -> None:
+    """`ENGINE_EVENTS.drafted` (a decode thread): one step's verified and accepted draft tokens."""
+    SPEC_DRAFT_TOKENS.inc(drafted)
+    SPEC_ACCEPTED_TOKENS.inc(accepted)
+
+
 #: What the serving engines report to (`nurseries/engine.py` gives it to each engine it makes).
-ENGINE_EVENTS = EngineEvents(finished=observe_finished, step=observe_step)
+ENGINE_EVENTS = EngineEvents(finished=observe_finished, step=observe_step, drafted=observe_drafted)
 
 
 def token_rate(now: float | None = None) -> float:

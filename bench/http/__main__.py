@@ -7,6 +7,14 @@ ChatML; `--max-tokens` each) go to each at 1/4/8/16 concurrent streams, in inter
 `unique` prompts are new to both servers, `repeated` ones are the previous round's prompts sent
 again (what a prefix cache serves). Per system and level: aggregate generated tokens/s (median
 round), time to first token p50 and inter-token gap p99, as the client sees them.
+
+A third system in the same rounds is Ktulhu's own `/ws` on the same server: the same user messages
+as `/ws` prompts, one registered socket per stream, each prompt a new chat (so `repeated` is the
+same text again in a new chat, served by the prefix cache across slots). `/ws` prompts get
+Ktulhu's routed system prompt, not the explicit one, so they are longer than the `/v1` ones; the
+server runs greedy with `--max-tokens` as its reply cap, so the replies match in length. Each chat's
+title (made after its first exchange, when the engine is idle) is awaited after the batch's clock
+has stopped, and then an idle engine on `/metrics`, so no title runs in another system's round.
 Results: bench/results/http.json and a table on stdout.
 """
 
@@ -16,18 +24,25 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import trio
+from trio_websocket import open_websocket_url
 
 from bench.engine.llama_server import LlamaServer, ensure_built
 from bench.engine.workload import Record, TokenClock, summarise_rounds
 from bench.paths import REPO
+from bench.ws_client import Checker, ask, register, wait_title
+from ktulhu.chat.summaries import GENERATION_TIMEOUT_S, PATIENCE_S
 from ktulhu.local_cluster import Member, http_ok
 from ktulhu.ports import free_port
 from ktulhu.settings import load_settings
@@ -37,14 +52,39 @@ TOPICS = ["the sea", "mountains", "a city at night", "an old library", "the dese
           "a space station", "a small village", "the northern lights", "a busy market", "a lighthouse",
           "a train journey", "a winter garden", "a river delta", "a volcano", "a coral reef"]
 KEY = "bench-" + "k" * 40
+#: An engine idle this long after a `/ws` batch has no title left to make (the worker starts the next
+#: one within milliseconds of the engine going idle).
+QUIET_S = 2.0
+IDLE_POLL_S = 0.1
+#: Longest a title takes by the title worker's own limits (an idle engine, then the generation).
+TITLE_LIMIT_S = PATIENCE_S + GENERATION_TIMEOUT_S
+
+#: One batch: the requests as the client saw them, and the batch's wall seconds.
+Batch = tuple[list[Record], float]
+
+
+@attrs.define
+class System:
+    """A surface under test: `run(level, round)` sends one batch; `prompt_tokens` collects each
+    request's prompt length (the `/ws` ones carry the routed system prompt)."""
+
+    name: str
+    run: Callable[[int, int, list[int]], Awaitable[Batch]]
+    prompt_tokens: list[int] = attrs.field(factory=list)
+
+    async def batch(self, level: int, round_: int) -> Batch:
+        return await self.run(level, round_, self.prompt_tokens)
+
+
+def user_text(i: int, round_: int) -> str:
+    return f"Round {round_}, request {i}: describe {TOPICS[i % len(TOPICS)]}."
 
 
 def messages(i: int, round_: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Round {round_}, request {i}: describe {TOPICS[i % len(TOPICS)]}."}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_text(i, round_)}]
 
 
-async def stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Record:
+async def stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], prompt_tokens: list[int]) -> Record:
     clock = TokenClock(time.perf_counter())
     tokens = 0
     async with http.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
@@ -55,18 +95,20 @@ async def stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Rec
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                prompt_tokens.append(chunk["usage"]["prompt_tokens"])
             if any(c.get("delta", {}).get("content") for c in chunk.get("choices", ())):
                 clock.tick()
     return clock.record(tokens or len(clock.gaps) + (clock.first is not None))
 
 
-async def batch(base: str, level: int, round_: int, max_tokens: int) -> tuple[list[Record], float]:
+async def v1_batch(base: str, max_tokens: int, level: int, round_: int, prompt_tokens: list[int]) -> Batch:
+    """`level` streaming `/v1/chat/completions` requests at once, greedy, `max_tokens` each."""
     records: list[Record] = []
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=level + 2)) as http:
         async def one(i: int) -> None:
             body = {"model": "default", "stream": True, "stream_options": {"include_usage": True},
                     "temperature": 0.0, "max_tokens": max_tokens, "messages": messages(i, round_)}
-            records.append(await stream(http, f"{base}/v1/chat/completions", body))
+            records.append(await stream(http, f"{base}/v1/chat/completions", body, prompt_tokens))
 
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -75,24 +117,108 @@ async def batch(base: str, level: int, round_: int, max_tokens: int) -> tuple[li
         return records, time.perf_counter() - started
 
 
-async def compare(systems: dict[str, str], levels: list[int], rounds: int, max_tokens: int) -> dict[str, Any]:
+async def ws_batch(base: str, level: int, round_: int, prompt_tokens: list[int]) -> Batch:
+    """`level` sockets, opened and registered first (a chat page's socket is open before the user
+    types), send the same user messages at once, each in a new chat; the clock stops at the last
+    `done`. Then, outside the clock, the sockets wait for their chats' titles until the server has
+    settled, so no title runs in the next batch."""
+    checker = Checker()
+    records: list[Record] = []
+    opened = titled = 0
+    go, finished = trio.Event(), trio.Event()
+    started = ended = 0.0
+
+    async def one(i: int) -> None:
+        nonlocal opened, titled, started, ended
+        async with open_websocket_url(base.replace("http", "ws", 1) + "/ws") as ws:
+            await register(ws, f"bench-{round_}-{i}")
+            opened += 1
+            if opened == level:  # every socket is open: all prompts leave together
+                started = time.perf_counter()
+                go.set()
+            await go.wait()
+            clock = TokenClock(time.perf_counter())
+            _, tokens, _ = await ask(ws, checker, user_text(i, round_), "", clock)
+            ended = max(ended, time.perf_counter())
+            records.append(clock.record(tokens))
+            if len(records) == level:
+                finished.set()
+            await wait_title(ws)
+            titled += 1
+
+    async def settle(nursery: trio.Nursery) -> None:
+        await finished.wait()
+        await wait_settled(base, lambda: titled == level, level * TITLE_LIMIT_S)
+        nursery.cancel_scope.cancel()  # the sockets still waiting for a title that will not come
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(settle, nursery)
+        for i in range(level):
+            nursery.start_soon(one, i)
+    if checker.dones != level or checker.bad_frames:
+        raise RuntimeError(f"/ws: {checker.dones} of {level} prompts done, frames for other prompts: "
+                           f"{checker.bad_frames[:3]}")
+    prompt_tokens.extend(usage.get("prompt_tokens", 0) for usage in checker.usages)
+    if titled != level:
+        print(f"  /ws: {level - titled} of {level} chats got no title", flush=True)
+    return records, ended - started
+
+
+async def wait_settled(base: str, all_titled: Callable[[], bool], limit: float) -> None:
+    """Until `/metrics` shows an idle engine (nothing generating, nothing queued) once every title
+    has come, or for `QUIET_S` on end: the title worker starts its next title as soon as the engine
+    is idle, so a quiet engine has no title left to make."""
+    quiet_since: float | None = None
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        with trio.fail_after(limit):  # titles are made one at a time
+            while True:
+                gauges = dict(line.split()[:2] for line in (await http.get("/metrics")).text.splitlines()
+                              if line.startswith(("ktulhu_engine_busy_slots ", "ktulhu_engine_queue_depth ")))
+                idle = len(gauges) == 2 and all(float(v) == 0 for v in gauges.values())
+                now = time.perf_counter()
+                quiet_since = (quiet_since or now) if idle else None
+                if idle and (all_titled() or now - quiet_since >= QUIET_S):
+                    return
+                await trio.sleep(IDLE_POLL_S)
+
+
+def figures(name: str, summary: dict[str, Any]) -> str:
+    return (f"{name} {summary['tokens_per_s']} tok/s, ttft p50 {summary['ttft_p50_ms']} ms, "
+            f"itl p99 {summary['itl_p99_ms']} ms")
+
+
+async def compare(systems: list[System], levels: list[int], rounds: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for level in levels:
-        runs: dict[str, dict[str, list]] = {name: {"unique": [], "repeated": []} for name in systems}
+        runs: dict[str, dict[str, list]] = {s.name: {"unique": [], "repeated": []} for s in systems}
         for round_ in range(rounds):
-            for name, base in systems.items():  # interleaved: each round runs both systems in turn
+            for system in systems:  # interleaved: each round runs every system in turn
                 tag = level * 1000 + round_
-                runs[name]["unique"].append(await batch(base, level, tag, max_tokens))
-                runs[name]["repeated"].append(await batch(base, level, tag, max_tokens))
+                runs[system.name]["unique"].append(await system.batch(level, tag))
+                runs[system.name]["repeated"].append(await system.batch(level, tag))
         results[str(level)] = {name: {kind: summarise_rounds(rs) for kind, rs in kinds.items()}
                                for name, kinds in runs.items()}
         for kind in ("unique", "repeated"):
-            ours, theirs = (results[str(level)][name][kind] for name in systems)
-            print(f"[{level:>2} streams, {kind:>8}] ktulhu {ours['tokens_per_s']} tok/s, ttft p50 "
-                  f"{ours['ttft_p50_ms']} ms, itl p99 {ours['itl_p99_ms']} ms | llama-server "
-                  f"{theirs['tokens_per_s']} tok/s, ttft p50 {theirs['ttft_p50_ms']} ms, itl p99 "
-                  f"{theirs['itl_p99_ms']} ms", flush=True)
+            print(f"[{level:>2} streams, {kind:>8}] "
+                  + " | ".join(figures(s.name, results[str(level)][s.name][kind]) for s in systems), flush=True)
     return results
+
+
+def prompt_lengths(systems: list[System]) -> dict[str, float]:
+    """Mean prompt tokens per system: `/ws` is longer (the routed system prompt), and says so."""
+    lengths = {s.name: round(statistics.fmean(s.prompt_tokens), 1) for s in systems if s.prompt_tokens}
+    print("prompt tokens (mean): " + ", ".join(f"{name} {n}" for name, n in lengths.items())
+          + "; /ws prompts carry Ktulhu's routed system prompt instead of the bench's", flush=True)
+    return lengths
+
+
+def server_env(args: argparse.Namespace, root: Path, keys: Path) -> dict[str, str]:
+    """`ktulhu serve`'s settings: the same slots, context and threads as llama-server; greedy `/ws`
+    replies capped at `--max-tokens` (`/v1` requests say so themselves); no anonymous rate limit."""
+    return {"KTULHU_STORE": str(root / "chatdb"), "KTULHU_SLOTS": str(args.slots), "LLAMA_CLI_CTX": str(args.ctx),
+            "LLAMA_CLI_THREADS": str(args.threads), "KTULHU_API_KEYS_FILE": str(keys), "KTULHU_QUEUE": "1024",
+            "KTULHU_LOG": "warning", "LLAMA_CLI_TEMP": "0", "LLAMA_CLI_MAX_TOKENS": str(args.max_tokens),
+            "KTULHU_ANON_RATE": "0"}
 
 
 def main() -> None:
@@ -115,25 +241,27 @@ def main() -> None:
         port = free_port()
         ours = Member("ktulhu", [sys.executable, "-m", "ktulhu", "serve", "--host", "127.0.0.1", "--port", str(port)],
                       root / "ktulhu.log", http_ok(f"http://127.0.0.1:{port}/readyz"), url=f"http://127.0.0.1:{port}",
-                      cwd=REPO, env={"KTULHU_STORE": str(root / "chatdb"), "KTULHU_SLOTS": str(args.slots),
-                                     "LLAMA_CLI_CTX": str(args.ctx), "LLAMA_CLI_THREADS": str(args.threads),
-                                     "KTULHU_API_KEYS_FILE": str(keys), "KTULHU_QUEUE": "1024",
-                                     "KTULHU_LOG": "warning"})
+                      cwd=REPO, env=server_env(args, root, keys))
         theirs = LlamaServer(ensure_built(), model, slots=args.slots, n_ctx_seq=args.ctx, threads=args.threads,
                              port=free_port())
         try:
             ours.start()
             ours.wait_ready()
             theirs.wait_ready()
-            results = trio.run(compare, {"ktulhu": ours.url, "llama-server": theirs.base}, levels, args.rounds,
-                               args.max_tokens)
+            systems = [System("ktulhu", partial(v1_batch, ours.url, args.max_tokens)),
+                       System("ktulhu-ws", partial(ws_batch, ours.url)),
+                       System("llama-server", partial(v1_batch, theirs.base, args.max_tokens))]
+            results = trio.run(compare, systems, levels, args.rounds)
+            lengths = prompt_lengths(systems)
         finally:
             ours.stop()
             theirs.close()
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                           "model": model.name},
               "slots": args.slots, "ctx": args.ctx, "max_tokens": args.max_tokens, "rounds": args.rounds,
-              "measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "levels": results}
+              "measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "prompt_tokens_mean": lengths,
+              "ktulhu-ws": "/ws prompts with the same user messages: Ktulhu's routed system prompt (longer "
+                           "prompts), a new chat each, titles awaited outside the clock", "levels": results}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")
 

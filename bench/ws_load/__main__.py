@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from bench.paths import REPO
+from bench.ws_client import Checker, ask, register
 from ktulhu.ports import free_port
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.prompt import ChatMessage
@@ -86,53 +86,6 @@ def server_env(args: argparse.Namespace, db: Path, port: int) -> dict[str, str]:
             "KTULHU_ANON_RATE": "0", "LLAMA_CLI_THREADS": str(args.threads), "KTULHU_SLOTS": str(args.streams),
             "LLAMA_CLI_MAX_TOKENS": str(args.max_tokens), "KTULHU_QUEUE": "256", "KTULHU_LOG": "warning",
             "LLAMA_CLI_TEMP": "0"}
-
-
-class Checker:
-    """Counts what the protocol promises: one `done` per prompt, frames naming their prompt."""
-
-    def __init__(self) -> None:
-        self.prompts = 0
-        self.dones = 0
-        self.bad_frames: list[str] = []
-        self.ttft: list[float] = []
-        self.streamed: dict[str, str] = {}
-        #: Prompt tokens the engine had to compute (not served from its prefix cache).
-        self.prefilled = 0
-
-
-async def ask(ws, checker: Checker, text: str, chat_id: str) -> tuple[str, int, float]:
-    """Send one prompt and read to its `done`: (chat id, generated tokens, seconds)."""
-    rid = str(uuid.uuid4())
-    checker.prompts += 1
-    started = time.perf_counter()
-    await ws.send_message(json.dumps({"msg_type": "prompt", "request_id": rid, "chat_id": chat_id,
-                                      "session_id": "bench", "device_hash": "bench", "text": text,
-                                      "language": "en"}))
-    parts: list[str] = []
-    first = None
-    while True:
-        with trio.fail_after(300):
-            raw = await ws.get_message()
-        frame = json.loads(raw)
-        if frame.get("type") == "summary":
-            continue
-        if frame.get("request_id") != rid:
-            checker.bad_frames.append(raw[:200])
-            continue
-        chat_id = frame.get("chat_id", chat_id)
-        if "token" in frame:
-            if first is None:
-                first = time.perf_counter() - started
-            parts.append(frame["token"])
-        if frame.get("done") is True:
-            checker.dones += 1
-            if first is not None:
-                checker.ttft.append(first)
-            checker.streamed[f"{chat_id}:{rid}"] = "".join(parts)
-            usage = frame.get("usage") or {}
-            checker.prefilled += usage.get("prompt_tokens", 0) - usage.get("cached_tokens", 0)
-            return chat_id, usage.get("generated_tokens", 0), time.perf_counter() - started
 
 
 async def ws_round(url: str, args: argparse.Namespace, round_no: int) -> tuple[float, int]:
@@ -191,9 +144,7 @@ async def hold_idle(url: str, count: int, opened: trio.Event, release: trio.Even
     async def one(i: int) -> None:
         nonlocal done
         async with open_websocket_url(url) as ws:
-            await ws.send_message(json.dumps({"msg_type": "register", "chat_id": "", "session_id": f"idle{i}",
-                                              "device_hash": "idle", "request_id": "", "text": ""}))
-            await ws.get_message()
+            await register(ws, f"idle{i}", "idle")
             done += 1
             if done == count:
                 opened.set()

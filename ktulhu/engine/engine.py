@@ -92,6 +92,8 @@ class Engine:
                         DecodeWorker, self.model, n_slots=settings.n_slots, n_ctx_seq=self.n_ctx_seq,
                         n_threads=threads, trio_token=token, on_slot_free=slots_free.release,
                         step_target_s=settings.step_target_ms / 1000, events=self.events,
+                        draft_tokens=settings.draft_tokens if settings.speculative == "ngram" else 0,
+                        draft_ngram=settings.draft_ngram,
                     ))
                     self._workers.append(worker)
                     nursery.start_soon(self._run_worker, worker, name=f"decode-{index}")

@@ -29,6 +29,9 @@ class EngineEvents:
     finished: Callable[["Finished"], None] = _ignore
     #: Once per batched step, on its decode thread: (sequences in the step, prompt tokens prefilled).
     step: Callable[[int, int], None] = _ignore
+    #: Once per step that verified draft tokens (speculative decoding), on its decode thread:
+    #: (draft tokens verified, those accepted).
+    drafted: Callable[[int, int], None] = _ignore
 
     def report(self, observer: Callable[..., None], *args: Any) -> None:
         try:

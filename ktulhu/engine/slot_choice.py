@@ -4,20 +4,24 @@ starts from a copy of another slot's cached prefix.
 Finished sequences keep their KV cache, keyed by the tokens it holds. A request should land where
 the most of its prompt is cached (a follow-up turn of the same chat) and evict as little as
 possible; a prefix cached in another slot (a system prompt shared across chats, a repeated API
-prompt) is worth copying only when it saves `MIN_COPIED_TOKENS` of prefill. Pure functions over
-the slots' cached tokens: the worker applies the choice to llama.cpp's memory.
+prompt, the system prompt of unique API requests) is worth copying when the prefill it saves costs
+more than the copy (`min_copied_tokens`, from the worker's measured costs). Pure functions over the
+slots' cached tokens: the worker applies the choice to llama.cpp's memory.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
-__all__ = ["MIN_COPIED_TOKENS", "CachedSlot", "choose_slot", "common_prefix", "copy_source"]
+__all__ = ["MIN_COPIED_TOKENS", "CachedSlot", "choose_slot", "common_prefix", "copy_source", "min_copied_tokens"]
 
-#: Prefill tokens a copy of another slot's KV must save to be worth a whole-stream copy (it costs
-#: about one memcpy of a slot's KV).
-MIN_COPIED_TOKENS = 32
+#: Fewest prefill tokens a copy must save, whatever the measured costs say (a copy also evicts
+#: what the receiving slot held).
+MIN_COPIED_TOKENS = 4
+#: A copy must save this many times its own measured cost (the measure is one sample).
+COPY_MARGIN = 2.0
 
 
 class CachedSlot(Protocol):
@@ -65,11 +69,18 @@ def choose_slot(idle: Sequence[S], prompt: Sequence[int], chat_id: str | None) -
     return min(idle, key=lambda s: s.last_used)
 
 
-def copy_source(target: CachedSlot, idle: Iterable[S], prompt: Sequence[int]) -> tuple[S, int] | None:
+def min_copied_tokens(copy_s: float, prefill_token_s: float) -> int:
+    """Prefill tokens a copy must save to pay: its cost (`copy_s`, one slot's KV copied) over one
+    prompt token's, with `COPY_MARGIN`, and never under `MIN_COPIED_TOKENS`."""
+    return max(MIN_COPIED_TOKENS, math.ceil(COPY_MARGIN * copy_s / max(prefill_token_s, 1e-9)))
+
+
+def copy_source(target: CachedSlot, idle: Iterable[S], prompt: Sequence[int],
+                min_saved: int = MIN_COPIED_TOKENS) -> tuple[S, int] | None:
     """Another slot among `idle` that caches a longer prefix of `prompt` than `target` does, by at
-    least `MIN_COPIED_TOKENS`, and the length of that prefix (the longest; the first slot on a tie);
+    least `min_saved` tokens, and the length of that prefix (the longest; the first slot on a tie);
     None when no copy pays."""
-    best = common_prefix(target.cached, prompt) + MIN_COPIED_TOKENS - 1
+    best = common_prefix(target.cached, prompt) + min_saved - 1
     donor = None
     for other in idle:
         if other is not target and other.cached:

@@ -2,10 +2,12 @@
 tokens the next step may prefill.
 
 A step costs about `decode_step_s` for its generating sequences (one token each, nearly flat in
-their number) plus `prefill_token_s` per prompt token. Both are measured once at start
-(`StepCost.calibrate`) and then follow every completed step (`learn`), so the prefill budget keeps
-a step near `step_target_s` on a CPU (slow prefill) as on a GPU (fast prefill, where the budget
-reaches `n_batch`). Pure arithmetic: the worker times the steps, this decides what they mean.
+their number) plus `prefill_token_s` per further token: a prompt token, or a draft token verified
+for a generating sequence (speculative decoding), which the batch computes alike. Both are
+measured once at start (`StepCost.calibrate`) and then follow every completed step (`learn`), so
+the prefill budget keeps a step near `step_target_s` on a CPU (slow prefill) as on a GPU (fast
+prefill, where the budget reaches `n_batch`). Pure arithmetic: the worker times the steps, this
+decides what they mean.
 """
 
 from __future__ import annotations
@@ -44,17 +46,26 @@ class StepCost:
         decode_s = measure(1)
         return cls(n_batch, step_target_s, decode_step_s=decode_s, prefill_token_s=prefill_s / MIN_PREFILL_CHUNK)
 
-    def prefill_budget(self, generating: int) -> int:
-        """Prefill tokens that keep a step with `generating` streams near `step_target_s`: never
-        under `MIN_PREFILL_CHUNK`, never beyond what `n_batch` leaves."""
-        room = self.n_batch - generating
-        spare = self.step_target_s - (self.decode_step_s if generating else 0.0)
-        return max(MIN_PREFILL_CHUNK, min(room, int(spare / max(self.prefill_token_s, 1e-7))))
+    def prefill_budget(self, generating: int, drafted: int = 0) -> int:
+        """Prefill tokens that keep a step with `generating` streams and `drafted` draft tokens near
+        `step_target_s`: never under `MIN_PREFILL_CHUNK`, never beyond what `n_batch` leaves."""
+        room = self.n_batch - generating - drafted
+        spare = self.step_target_s - (self.decode_step_s if generating else 0.0) - drafted * self.prefill_token_s
+        return max(MIN_PREFILL_CHUNK, min(room, self._tokens_in(spare)))
+
+    def draft_room(self, generating: int) -> int:
+        """Draft tokens a step with `generating` streams may verify: what its time target leaves
+        beside the streams, and what `n_batch` leaves beside them and a minimal prefill chunk."""
+        spare = self.step_target_s - self.decode_step_s
+        return max(0, min(self.n_batch - generating - MIN_PREFILL_CHUNK, self._tokens_in(spare)))
+
+    def _tokens_in(self, seconds: float) -> int:
+        return int(seconds / max(self.prefill_token_s, 1e-7))
 
     def learn(self, generating: int, prefilled: int, elapsed: float) -> None:
-        """Fold one completed step (its streams, its prefill tokens, its seconds) into the estimates:
-        a step without prefill times the decode; one with it times its prompt tokens, net of the
-        decode share."""
+        """Fold one completed step (its streams, its further tokens: prompt and draft ones, its
+        seconds) into the estimates: a step of streams alone times the decode; one with more
+        tokens times those, net of the decode share."""
         if prefilled == 0:
             self.decode_step_s += EMA * (elapsed - self.decode_step_s)
             return

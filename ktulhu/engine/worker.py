@@ -12,6 +12,13 @@ KV cache, and the slot-reuse policy (`slot_choice`) decides where a new request 
 whose cache shares a prefix with its prompt (a follow-up turn of the same chat), which then
 prefills only the new tokens; on another slot it starts from a copy of the longest cached prefix
 (a system prompt shared across chats, a repeated API prompt) when that saves enough prefill.
+
+With speculative decoding on, a plain greedy sequence may also send a draft after its token: the
+tokens that followed the latest earlier occurrence of its last n tokens (`draft`), as many as pay
+for their compute. Each of its positions gets logits; greedy sampling there keeps the draft up to
+its first miss, plus the model's own token at that position: 1 to K+1 tokens a step, each handled as
+a token sampled alone. The rejected positions leave the KV cache, so `_Slot.cached` stays exactly
+what the cache holds.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ import numpy as np
 import trio
 
 from . import llama_log
+from .draft import Drafter, can_draft, plan_drafts
 from .model import Model
 from .output import OutputFilter
 from .request import EngineClosed, EngineError, EngineEvents, Finished, Generation, GrammarDeadEnd, TokenLogprob
 from .sampling import TokenSampler, token_logprobs
-from .slot_choice import choose_slot, common_prefix, copy_source
+from .slot_choice import choose_slot, common_prefix, copy_source, min_copied_tokens
 from .step_cost import MIN_PREFILL_CHUNK, StepCost
 
 __all__ = ["DecodeWorker", "WorkerStats", "physical_cores"]
@@ -75,6 +83,11 @@ class _Slot:
     step_chunk: list[int] = attrs.field(factory=list)
     #: Log-probability entries of sampled tokens whose text is not delivered yet (requests that ask).
     logprobs: list[TokenLogprob] = attrs.field(factory=list)
+    #: Its n-gram drafts (a plain greedy request while speculation is on), else None.
+    drafter: Drafter | None = None
+    #: This step's draft as looked up, and the part of it sent for verification.
+    proposal: list[int] = attrs.field(factory=list)
+    draft: list[int] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -91,6 +104,9 @@ class WorkerStats:
     generated_tokens: int
     #: Prefill steps abandoned half-way because a sequence in them was cancelled.
     aborted_steps: int
+    #: Draft tokens verified (speculative decoding), and those accepted.
+    draft_tokens: int
+    accepted_tokens: int
 
     @property
     def bookkeeping_share(self) -> float:
@@ -112,13 +128,21 @@ class DecodeWorker:
         on_slot_free: Callable[[], None],
         n_batch: int = 512,
         step_target_s: float = 0.1,
+        draft_tokens: int = 0,
+        draft_ngram: int = 3,
         events: EngineEvents = EngineEvents(),
     ) -> None:
+        """`draft_tokens`: longest draft a plain greedy sequence verifies per step (0 = no speculative
+        decoding), looked up by n-grams of `draft_ngram` tokens down to 2."""
         self.model = model
         #: Told of every step (`EngineEvents.step`, on this thread: cheap and thread-safe).
         self.events = events
         self.n_slots = n_slots
         self.n_ctx_seq = n_ctx_seq
+        # a recurrent model's state cannot drop the rejected positions of a draft
+        recurrent = llama_cpp.llama_model_is_recurrent(model.handle) or llama_cpp.llama_model_is_hybrid(model.handle)
+        self.draft_tokens = 0 if recurrent else draft_tokens
+        self.draft_ngram = draft_ngram
         self._trio_token = trio_token
         self._on_slot_free = on_slot_free
         params = llama_cpp.llama_context_default_params()
@@ -147,6 +171,9 @@ class DecodeWorker:
         self._piece = ctypes.create_string_buffer(256)
         #: Sizes each step's prefill: timed once here, so the first real step is sized right, then fed every step.
         self.costs = StepCost.calibrate(self._time_calibration_step, n_batch=n_batch, step_target_s=step_target_s)
+        #: Prefill a copy of another slot's prefix must save (`_copy_longer_prefix`): the copy's cost,
+        #: timed once, over a prompt token's.
+        self.min_copied = min_copied_tokens(self._time_copy() if n_slots > 1 else 0.0, self.costs.prefill_token_s)
         # llama.cpp polls this between graph nodes of long (prefill) steps: a cancel stops the step
         self._watched: list[_Slot] = []
         self._abort_callback = llama_cpp.ggml_abort_callback(self._cancel_pending)
@@ -156,27 +183,46 @@ class DecodeWorker:
         self._step_s = 0.0
         self._prompt_tokens = 0
         self._generated = 0
+        self._drafted = 0
+        self._accepted = 0
         #: Admissions that started from another slot's copied prefix (`_copy_longer_prefix`).
         self.prefix_copies = 0
 
     def _time_calibration_step(self, n_tokens: int) -> float:
         """Seconds one step of `n_tokens` arbitrary tokens takes on slot 0 (left empty again)."""
-        n_vocab = self.model.info.n_vocab
-        batch = self.batch
-        batch.n_tokens = 0
-        for k in range(n_tokens):
-            batch.token[k] = (k * 7919) % n_vocab
-            batch.pos[k] = k
-            batch.n_seq_id[k] = 1
-            batch.seq_id[k][0] = 0
-            batch.logits[k] = int(k == n_tokens - 1)
-        batch.n_tokens = n_tokens
+        self._fill_batch(n_tokens)
         started = time.perf_counter()
-        if llama_cpp.llama_decode(self.ctx, batch) != 0:
+        if llama_cpp.llama_decode(self.ctx, self.batch) != 0:
             raise EngineError("the model failed to decode its calibration batch")
         elapsed = time.perf_counter() - started
         llama_cpp.llama_memory_seq_rm(self.mem, 0, -1, -1)
         return elapsed
+
+    def _time_copy(self) -> float:
+        """Seconds a copy of one slot's KV into another adds to the next step: llama.cpp copies a
+        sequence's whole stream there. Timed as a one-token step after the copy, less a plain one."""
+        self._fill_batch(1, seq=0)
+        llama_cpp.llama_decode(self.ctx, self.batch)
+        llama_cpp.llama_memory_seq_cp(self.mem, 0, 1, -1, -1)
+        self._fill_batch(1, seq=1, pos=1)
+        started = time.perf_counter()
+        failed = llama_cpp.llama_decode(self.ctx, self.batch) != 0
+        elapsed = time.perf_counter() - started
+        for sid in (0, 1):
+            llama_cpp.llama_memory_seq_rm(self.mem, sid, -1, -1)
+        return 0.0 if failed else max(0.0, elapsed - self.costs.decode_step_s)
+
+    def _fill_batch(self, n_tokens: int, *, seq: int = 0, pos: int = 0) -> None:
+        """`n_tokens` arbitrary tokens of sequence `seq` from position `pos`, logits for the last."""
+        n_vocab = self.model.info.n_vocab
+        batch = self.batch
+        for k in range(n_tokens):
+            batch.token[k] = (k * 7919) % n_vocab
+            batch.pos[k] = pos + k
+            batch.n_seq_id[k] = 1
+            batch.seq_id[k][0] = seq
+            batch.logits[k] = int(k == n_tokens - 1)
+        batch.n_tokens = n_tokens
 
     # --- called from trio ------------------------------------------------------------------------
 
@@ -208,6 +254,8 @@ class DecodeWorker:
             prompt_tokens=self._prompt_tokens,
             generated_tokens=self._generated,
             aborted_steps=self._aborted_steps,
+            draft_tokens=self._drafted,
+            accepted_tokens=self._accepted,
         )
 
     # --- the decode thread -----------------------------------------------------------------------
@@ -247,21 +295,25 @@ class DecodeWorker:
             return False
         batch = self.batch
         batch.n_tokens = 0
-        for slot in running:  # generating sequences first: one token each
+        for slot in running:
             slot.batch_index = None
             slot.step_tokens = 0
             slot.step_chunk = []
-            if not slot.pending:
-                self._add(slot, [slot.last_token], want_logits=True)
-        generating = batch.n_tokens
-        budget = self.costs.prefill_budget(generating)
+            slot.proposal = []
+            slot.draft = []
+        streams = [s for s in running if not s.pending]
+        drafted = self._plan_drafts(streams)
+        for slot in streams:  # generating sequences first: one token each, and their drafts
+            self._add(slot, [slot.last_token, *slot.draft], logits=1 + len(slot.draft))
+        generating = len(streams)
+        budget = self.costs.prefill_budget(generating, drafted)
         prefilled = chunks = 0
         for slot in sorted(running, key=lambda s: s.gen.metrics.submitted):  # then prefill, oldest first
             room = budget - prefilled
             if slot.pending and room > 0:
                 chunk = slot.pending[:room]
                 del slot.pending[:room]
-                self._add(slot, chunk, want_logits=not slot.pending)
+                self._add(slot, chunk, logits=0 if slot.pending else 1)
                 slot.step_chunk = chunk
                 prefilled += len(chunk)
                 chunks += 1
@@ -290,14 +342,67 @@ class DecodeWorker:
         elif rc != 0:
             self._decode_failed(running, rc)
         else:
-            self.costs.learn(generating, prefilled, elapsed)
+            self.costs.learn(generating, prefilled + drafted, elapsed)
+            produced = {slot: self._produced(slot) for slot in running if slot.batch_index is not None}
+            if drafted:  # counted before any token is handed on, like the step
+                self._count_drafts(drafted, sum(len(tokens) - 1 for tokens in produced.values()))
             now = time.perf_counter()
-            for slot in running:
-                if slot.batch_index is not None:
-                    self._sampled(slot, slot.chain.sample(self.ctx, slot.batch_index), now)
+            for slot, tokens in produced.items():
+                self._take(slot, tokens, now)
         self._steps += 1
         self._step_s += time.perf_counter() - started
         return True
+
+    def _plan_drafts(self, streams: list[_Slot]) -> int:
+        """Look up the draft of each speculating stream and choose how much of it this step verifies
+        (`plan_drafts`, from the step's costs); returns the draft tokens chosen."""
+        drafting = [s for s in streams if s.drafter is not None]
+        if not drafting:
+            return 0
+        for slot in drafting:
+            # the step yields at most draft + 1 tokens; max_tokens also keeps them within the context
+            left = slot.max_tokens - slot.gen.metrics.generated_tokens
+            slot.proposal = slot.drafter.propose(min(self.draft_tokens, left - 1))
+        costs = self.costs
+        lengths = plan_drafts([(s.drafter.acceptance, len(s.proposal)) for s in drafting], streams=len(streams),
+                              step_s=costs.decode_step_s, token_s=costs.prefill_token_s,
+                              room=costs.draft_room(len(streams)))
+        for slot, length in zip(drafting, lengths):
+            slot.draft = slot.proposal[:length]
+        return sum(lengths)
+
+    def _produced(self, slot: _Slot) -> list[int | None]:
+        """The tokens sampled at the slot's positions of this step: the draft tokens greedy sampling
+        agrees with, then the model's own token (one token for a sequence without a draft)."""
+        produced: list[int | None] = []
+        for offset, guess in enumerate([*slot.draft, None]):
+            produced.append(slot.chain.sample(self.ctx, slot.batch_index + offset))
+            if produced[-1] != guess:
+                break
+        return produced
+
+    def _count_drafts(self, drafted: int, accepted: int) -> None:
+        self._drafted += drafted
+        self._accepted += accepted
+        self.events.report(self.events.drafted, drafted, accepted)
+
+    def _take(self, slot: _Slot, produced: list[int | None], now: float) -> None:
+        """Cut the rejected draft tokens from the KV cache, then handle the step's tokens of `slot` in
+        order, each as a token sampled alone, until its generation ends or is cancelled.
+
+        The cache is cut before any token is handed on, so whoever sees the reply end sees the cache
+        as it stays. Accepted draft tokens past the reply's end stay in it: they are the model's own
+        continuation, and a next prompt reuses what it shares with them (`slot_choice`)."""
+        if slot.drafter is not None:
+            slot.drafter.observe(slot.proposal, produced)
+        rejected = len(slot.draft) + 1 - len(produced)
+        if rejected:
+            del slot.cached[-rejected:]
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, len(slot.cached), -1)
+        for token in produced:
+            self._sampled(slot, token, now)
+            if slot.gen is None or slot.gen.cancelled:
+                break
 
     def _cancel_pending(self, _data: object) -> bool:
         return any(slot.gen is not None and slot.gen.cancelled for slot in self._watched)
@@ -313,7 +418,9 @@ class DecodeWorker:
             if slot.step_chunk:
                 slot.pending[:0] = slot.step_chunk
 
-    def _add(self, slot: _Slot, tokens: list[int], *, want_logits: bool) -> None:
+    def _add(self, slot: _Slot, tokens: list[int], *, logits: int) -> None:
+        """Put `tokens` at the sequence's next positions; its last `logits` positions get logits, the
+        first of them at `slot.batch_index`."""
         batch = self.batch
         base = len(slot.cached)
         for k, token in enumerate(tokens):
@@ -326,9 +433,10 @@ class DecodeWorker:
             batch.n_tokens = j + 1
         slot.cached.extend(tokens)
         slot.step_tokens += len(tokens)
-        if want_logits:
-            batch.logits[batch.n_tokens - 1] = 1
-            slot.batch_index = batch.n_tokens - 1
+        if logits:
+            for j in range(batch.n_tokens - logits, batch.n_tokens):
+                batch.logits[j] = 1
+            slot.batch_index = batch.n_tokens - logits
 
     def _admit(self, gen: Generation) -> None:
         if gen.cancelled:
@@ -354,6 +462,7 @@ class DecodeWorker:
                 reuse = 0
             del slot.cached[reuse:]
         own = gen.chat_id is not None and slot.chat_id == gen.chat_id
+        slot.drafter = Drafter.create(prompt, self.draft_ngram) if self.draft_tokens and can_draft(gen.params) else None
         slot.chain = chain
         slot.gen = gen
         slot.chat_id = gen.chat_id
@@ -371,7 +480,7 @@ class DecodeWorker:
 
         Each sequence has its own KV stream, which llama.cpp copies whole (at the next decode, before
         that decode writes anything); the copy is then cut to the shared prefix."""
-        source = copy_source(slot, idle, prompt)
+        source = copy_source(slot, idle, prompt, self.min_copied)
         if source is None:
             return
         donor, best = source
@@ -411,6 +520,8 @@ class DecodeWorker:
             self._finish(slot, "length", text)
         else:
             slot.last_token = token
+            if slot.drafter is not None:
+                slot.drafter.extend((token,))
             if text:
                 logprobs, slot.logprobs = slot.logprobs, []
                 self._call_trio(gen.deliver, text, None, logprobs)
@@ -440,6 +551,7 @@ class DecodeWorker:
             logprobs = _covering(logprobs, text)
         slot.chain.close()
         slot.chain = None
+        slot.drafter = None
         slot.gen = None
         slot.pending = []
         slot.output = None

@@ -270,6 +270,19 @@ class Settings:
         "Target length of a decode step that prefills new prompts while other replies stream.",
         group="engine",
     )
+    speculative: str = setting(
+        "KTULHU_SPECULATIVE", "off", one_of("off", "ngram"),
+        "Speculative decoding of greedy replies: ngram = drafts looked up in the conversation's own tokens "
+        "(prompt lookup), verified in the batched step; off = none.", group="engine",
+    )
+    draft_tokens: int = setting(
+        "KTULHU_DRAFT_TOKENS", 4, integer(1, 16), "Longest draft a sequence verifies per step (KTULHU_SPECULATIVE).",
+        group="engine",
+    )
+    draft_ngram: int = setting(
+        "KTULHU_DRAFT_NGRAM", 3, integer(2, 8),
+        "Tokens of the n-gram a draft is looked up by; shorter ones, down to 2, are tried next.", group="engine",
+    )
     max_tokens: int = setting(
         "LLAMA_CLI_MAX_TOKENS", 512, integer(1, 1 << 20), "Default cap on generated tokens per reply.",
         group="engine",

@@ -11,6 +11,7 @@ import trio
 
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.model import Model
+from ktulhu.engine.request import EngineEvents
 from ktulhu.settings import load_settings
 
 from .tiny_gguf import write_tiny_gguf
@@ -41,12 +42,13 @@ EngineFactory = Callable[..., "asynccontextmanager[Engine]"]
 
 @pytest.fixture
 def running_engine() -> EngineFactory:
-    """`async with running_engine(model, KTULHU_SLOTS="2", ...) as engine:` runs an engine in a nursery."""
+    """`async with running_engine(model, KTULHU_SLOTS="2", ...) as engine:` runs an engine in a nursery
+    (reporting to `events` when given)."""
 
     @asynccontextmanager
-    async def start(model: Model, **env: str) -> AsyncIterator[Engine]:
+    async def start(model: Model, events: EngineEvents = EngineEvents(), **env: str) -> AsyncIterator[Engine]:
         settings = load_settings(environ={"LLAMA_CLI_THREADS": "1", **env}, root=REPO)
-        engine = Engine(model, settings)
+        engine = Engine(model, settings, events=events)
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             yield engine

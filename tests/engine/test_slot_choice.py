@@ -3,10 +3,13 @@ another slot's cached prefix pays. No model: the policy only reads cached tokens
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import pytest
 
-from ktulhu.engine.slot_choice import MIN_COPIED_TOKENS, choose_slot, common_prefix, copy_source
+from ktulhu.engine.slot_choice import (COPY_MARGIN, MIN_COPIED_TOKENS, choose_slot, common_prefix, copy_source,
+                                      min_copied_tokens)
 
 SYSTEM = list(range(100, 100 + 2 * MIN_COPIED_TOKENS))  # a system prompt long enough to be worth a copy
 
@@ -63,12 +66,20 @@ def test_without_an_empty_slot_the_least_recently_used_is_evicted() -> None:
     assert choose_slot([recent, old], [1, 2], "a") is old
 
 
-@pytest.mark.parametrize(("saved", "pays"), [(MIN_COPIED_TOKENS, True), (MIN_COPIED_TOKENS - 1, False)])
-def test_a_copy_pays_only_when_it_saves_enough_prefill(saved: int, pays: bool) -> None:
+@pytest.mark.parametrize("min_saved", [MIN_COPIED_TOKENS, 40])
+@pytest.mark.parametrize(("extra", "pays"), [(0, True), (-1, False)])
+def test_a_copy_pays_only_when_it_saves_enough_prefill(min_saved: int, extra: int, pays: bool) -> None:
     prompt = list(range(1000, 1000 + 200))
+    saved = min_saved + extra
     target = Slot("target", prompt[:10] + [0])  # its own cache shares 10 tokens
     donor = Slot("donor", prompt[:10 + saved] + [0, 0])
-    assert copy_source(target, [target, donor], prompt) == ((donor, 10 + saved) if pays else None)
+    assert copy_source(target, [target, donor], prompt, min_saved) == ((donor, 10 + saved) if pays else None)
+
+
+def test_what_a_copy_must_save_follows_its_measured_cost() -> None:
+    assert min_copied_tokens(0.0, 0.004) == MIN_COPIED_TOKENS  # free copies still evict: a floor
+    assert min_copied_tokens(0.070, 0.0035) == math.ceil(COPY_MARGIN * 20)  # 70 ms = 20 prompt tokens
+    assert min_copied_tokens(0.001, 0.0) >= MIN_COPIED_TOKENS  # an unmeasured prefill cost: no division by 0
 
 
 def test_the_copy_comes_from_the_longest_prefix_never_from_the_target_or_an_empty_slot() -> None:

@@ -70,3 +70,23 @@ def test_the_budget_stays_between_the_minimal_chunk_and_the_batch(decode: float,
                                                                    generating: int) -> None:
     budget = StepCost(512, target, decode_step_s=decode, prefill_token_s=token).prefill_budget(generating)
     assert MIN_PREFILL_CHUNK <= budget <= 512 - generating
+
+
+def test_draft_tokens_take_their_share_of_the_step_like_prompt_tokens() -> None:
+    costs = StepCost(512, 0.1, decode_step_s=0.02, prefill_token_s=0.001)
+    assert costs.draft_room(4) == 80  # the 80 ms the streams leave
+    assert costs.prefill_budget(4, drafted=10) == 70  # and what drafts leave of them goes to prefill
+    assert costs.prefill_budget(4, drafted=30) == MIN_PREFILL_CHUNK  # never less than the minimal chunk
+    crowded = StepCost(512, 0.1, decode_step_s=0.02, prefill_token_s=1e-6)
+    assert crowded.draft_room(256) == 512 - 256 - MIN_PREFILL_CHUNK  # a minimal prefill chunk still fits
+    assert StepCost(512, 0.1, decode_step_s=0.3, prefill_token_s=0.001).draft_room(8) == 0  # no time to spare
+
+
+@given(decode=st.floats(0.0, 10.0), token=st.floats(0.0, 1.0), target=st.floats(0.001, 10.0),
+       generating=st.integers(0, 256))
+def test_drafts_and_prefill_together_fit_the_batch(decode: float, token: float, target: float,
+                                                   generating: int) -> None:
+    costs = StepCost(512, target, decode_step_s=decode, prefill_token_s=token)
+    drafted = costs.draft_room(generating)
+    assert drafted >= 0
+    assert MIN_PREFILL_CHUNK <= costs.prefill_budget(generating, drafted) <= 512 - generating - drafted
