@@ -202,11 +202,11 @@ class DecodeWorker:
         """Seconds a copy of one slot's KV into another adds to the next step: llama.cpp copies a
         sequence's whole stream there. Timed as a one-token step after the copy, less a plain one."""
         self._fill_batch(1, seq=0)
-        llama_cpp.llama_decode(self.ctx, self.batch)
+        failed = llama_cpp.llama_decode(self.ctx, self.batch) != 0
         llama_cpp.llama_memory_seq_cp(self.mem, 0, 1, -1, -1)
         self._fill_batch(1, seq=1, pos=1)
         started = time.perf_counter()
-        failed = llama_cpp.llama_decode(self.ctx, self.batch) != 0
+        failed = llama_cpp.llama_decode(self.ctx, self.batch) != 0 or failed
         elapsed = time.perf_counter() - started
         for sid in (0, 1):
             llama_cpp.llama_memory_seq_rm(self.mem, sid, -1, -1)
