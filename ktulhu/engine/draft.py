@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, plain_greedy
 
 __all__ = ["ACCEPTANCE_EMA", "PRIOR_ACCEPTANCE", "Drafter", "can_draft", "plan_drafts"]
 
@@ -36,9 +36,7 @@ def can_draft(params: SamplingParams) -> bool:
     verified draft exactly what sampling one token at a time would give. Penalties, biases and
     grammars keep state or reshape the logits per token, and log probabilities are reported per
     sampled step: those requests sample as usual."""
-    return (params.temperature <= 0.0 and params.grammar is None and not params.logit_bias
-            and params.repeat_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
-            and params.logprobs is None)
+    return plain_greedy(params) and params.logprobs is None
 
 
 @attrs.define

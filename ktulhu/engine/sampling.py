@@ -28,7 +28,7 @@ from ..settings import Settings
 from . import llama_log
 
 __all__ = ["GRAMMAR_MAX_CHARS", "LOGIT_BIAS_MAX", "SCHEMA_MAX_CHARS", "TOP_LOGPROBS_MAX", "SamplingParams",
-           "TokenSampler", "build_chain", "check_grammar", "json_grammar", "token_logprobs"]
+           "TokenSampler", "build_chain", "check_grammar", "json_grammar", "plain_greedy", "token_logprobs"]
 
 #: Prompt tokens fed to the repetition penalty so it also discourages repeating the prompt.
 PENALTY_LAST_N = 64
@@ -296,10 +296,20 @@ def build_chain(
     return chain
 
 
-class TokenSampler:
-    """One request's sampler chain, owned by the decode thread: `sample` per step, then `close`."""
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether the next token is the argmax of the model's logits alone: greedy, with no bias,
+    penalty or grammar to reshape them."""
+    return (params.temperature <= 0.0 and params.grammar is None and not params.logit_bias
+            and params.repeat_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty)
 
-    def __init__(self, chain: llama_cpp.llama_sampler_p, n_vocab: int, constrained: bool) -> None:
+
+class TokenSampler:
+    """One request's sampler chain, owned by the decode thread: `sample` per step, then `close`.
+    A plain greedy request (`plain_greedy`) has no chain: its token is the logits' argmax, what
+    llama.cpp's greedy sampler picks (the first highest), without copying the vocabulary into a
+    candidate array every step."""
+
+    def __init__(self, chain: llama_cpp.llama_sampler_p | None, n_vocab: int, constrained: bool) -> None:
         self._chain = chain
         self._n_vocab = n_vocab
         self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA) if constrained else None
@@ -315,11 +325,16 @@ class TokenSampler:
         prompt: Sequence[int] = (),
     ) -> "TokenSampler":
         """Raises `ValueError` when llama.cpp refuses the request's grammar."""
+        if plain_greedy(params):
+            return cls(None, n_vocab, False)
         chain = build_chain(params, n_vocab, seed, vocab=vocab, recent=prompt[-PENALTY_LAST_N:])
         return cls(chain, n_vocab, params.grammar is not None)
 
     def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int | None:
         """The next token from the logits at batch position `index`; None when the grammar allows none."""
+        if self._chain is None:
+            logits = llama_cpp.llama_get_logits_ith(ctx, index)
+            return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)))) if logits else None
         if self._candidates is None:
             return llama_cpp.llama_sampler_sample(self._chain, ctx, index)
         logits = llama_cpp.llama_get_logits_ith(ctx, index)

@@ -12,16 +12,19 @@ decides what they mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
-__all__ = ["EMA", "MIN_PREFILL_CHUNK", "StepCost"]
+__all__ = ["EMA", "MIN_PREFILL_CHUNK", "TAIL_SHARE", "StepCost"]
 
 # Smallest prefill chunk of a step: below ~64 tokens llama.cpp's CPU kernels cost about 30% more per
 # token (measured: 9.5 ms/token at 16, 7.2 ms/token at 64-512 with the default model on 2 cores).
 MIN_PREFILL_CHUNK = 64
 EMA = 0.2  # weight of the newest measurement in the estimates
+#: A prompt whose rest is at most this share of the step's budget is finished in the step: left for the
+#: next step, that tail would hold its first token back a whole step.
+TAIL_SHARE = 0.25
 
 
 @attrs.define
@@ -53,6 +56,30 @@ class StepCost:
         spare = self.step_target_s - (self.decode_step_s if generating else 0.0) - drafted * self.prefill_token_s
         return max(MIN_PREFILL_CHUNK, min(room, self._tokens_in(spare)))
 
+    def plan_prefill(self, waiting: Sequence[int], generating: int, drafted: int = 0) -> list[int]:
+        """Prompt tokens each waiting sequence prefills this step (`waiting`: their pending tokens,
+        oldest first), within what `n_batch` leaves beside `generating` streams and `drafted` tokens.
+
+        The step keeps to `prefill_budget`, except that a prompt it starts is finished when only a
+        tail is left (`TAIL_SHARE`), and that when at least as many sequences wait for their first
+        token as generate (a burst of arrivals), every whole prompt that fits goes in: stalling the
+        few streams once costs less than holding each waiting request back a step and stalling
+        the streams in each of those steps. A prompt too long for one step is chunked either way."""
+        room = self.n_batch - generating - drafted
+        budget = self.prefill_budget(generating, drafted)
+        if len(waiting) >= generating:
+            budget = max(budget, _whole_prompts(waiting, room))
+        budget = min(budget, room)
+        chunks: list[int] = []
+        used = 0
+        for pending in waiting:
+            take = min(pending, budget - used)
+            if 0 < take < pending and pending - take <= budget * TAIL_SHARE and used + pending <= room:
+                take = pending
+            chunks.append(max(take, 0))
+            used += chunks[-1]
+        return chunks
+
     def draft_room(self, generating: int) -> int:
         """Draft tokens a step with `generating` streams may verify: what its time target leaves
         beside the streams, and what `n_batch` leaves beside them and a minimal prefill chunk."""
@@ -71,3 +98,13 @@ class StepCost:
             return
         per_token = max(elapsed - (self.decode_step_s if generating else 0.0), 0.0) / prefilled
         self.prefill_token_s += EMA * (per_token - self.prefill_token_s)
+
+
+def _whole_prompts(waiting: Sequence[int], room: int) -> int:
+    """Tokens of the oldest prompts that fit `room` whole."""
+    used = 0
+    for pending in waiting:
+        if used + pending > room:
+            break
+        used += pending
+    return used

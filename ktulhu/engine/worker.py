@@ -1,13 +1,14 @@
 """One llama context and the decode thread that owns it: continuous batching over its slots.
 
 Every step packs one token for each sequence that is generating plus prefill chunks of new ones
-into one `llama_batch`. The prefill budget of a step (at most `n_batch` tokens) comes from the
-step-cost model (`step_cost.StepCost`, fed every measured step) so that the step lasts about
-`step_target_s`: a long prompt delays running streams, and cancellations take effect, within one
-short step. Then the step decodes it (the GIL is released inside llama.cpp), samples each sequence
-with its own sampler chain, and hands text to trio with `TrioToken.run_sync_soon`, which never
-blocks. A cancelled sequence is dropped at the start of the next step; a prefill step that contains
-it is interrupted (llama.cpp's abort callback) and redone without it. Finished sequences keep their
+into one `llama_batch`. The prefill of a step (at most `n_batch` tokens) is planned by the
+step-cost model (`step_cost.StepCost`, fed every measured step): about `step_target_s` of it while
+replies stream, so a long prompt delays them, and cancellations take effect, within one short step;
+whole prompts at once when a burst of requests waits for its first tokens. Then the step decodes
+it (the GIL is released inside llama.cpp), samples each sequence with its own sampler chain, and
+hands the step's text to trio in one `TrioToken.run_sync_soon`, which never blocks. A cancelled
+sequence is dropped at the start of the next step; a prefill step that contains it is interrupted
+(llama.cpp's abort callback) and redone without it. Finished sequences keep their
 KV cache, and the slot-reuse policy (`slot_choice`) decides where a new request goes: the slot
 whose cache shares a prefix with its prompt (a follow-up turn of the same chat), which then
 prefills only the new tokens; on another slot it starts from a copy of the longest cached prefix
@@ -169,6 +170,8 @@ class DecodeWorker:
         self._drop_cache = False
         self.stopped = threading.Event()
         self._piece = ctypes.create_string_buffer(256)
+        #: Calls for trio made during a step (tokens, endings, freed slots), handed over after it.
+        self._outbox: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         #: Sizes each step's prefill: timed once here, so the first real step is sized right, then fed every step.
         self.costs = StepCost.calibrate(self._time_calibration_step, n_batch=n_batch, step_target_s=step_target_s)
         #: Prefill a copy of another slot's prefix must save (`_copy_longer_prefix`): the copy's cost,
@@ -264,7 +267,9 @@ class DecodeWorker:
         try:
             while not self._stopping:
                 self._wake.clear()  # before looking for work, so a submit that follows is not missed
-                if not self._step():
+                worked = self._step()
+                self._post_calls()
+                if not worked:
                     self._wake.wait(IDLE_WAIT_S)
         finally:
             for slot in self.slots:
@@ -272,6 +277,7 @@ class DecodeWorker:
                     self._finish(slot, "cancelled", error=EngineClosed("the server is shutting down"))
             while self._inbox:
                 self._call_trio(self._inbox.popleft().fail, EngineClosed("the server is shutting down"))
+            self._post_calls()
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.stopped.set()
@@ -290,6 +296,7 @@ class DecodeWorker:
         for slot in self.slots:
             if slot.gen is not None and slot.gen.cancelled:
                 self._finish(slot, "cancelled")
+        self._post_calls()  # freed slots and refused requests are not held up by this step's decode
         running = [s for s in self.slots if s.gen is not None]
         if not running:
             return False
@@ -306,16 +313,15 @@ class DecodeWorker:
         for slot in streams:  # generating sequences first: one token each, and their drafts
             self._add(slot, [slot.last_token, *slot.draft], logits=1 + len(slot.draft))
         generating = len(streams)
-        budget = self.costs.prefill_budget(generating, drafted)
+        waiting = sorted((s for s in running if s.pending), key=lambda s: s.gen.metrics.submitted)
         prefilled = chunks = 0
-        for slot in sorted(running, key=lambda s: s.gen.metrics.submitted):  # then prefill, oldest first
-            room = budget - prefilled
-            if slot.pending and room > 0:
-                chunk = slot.pending[:room]
-                del slot.pending[:room]
+        for slot, size in zip(waiting, self.costs.plan_prefill([len(s.pending) for s in waiting], generating, drafted)):
+            if size:  # then prefill, oldest first
+                chunk = slot.pending[:size]
+                del slot.pending[:size]
                 self._add(slot, chunk, logits=0 if slot.pending else 1)
                 slot.step_chunk = chunk
-                prefilled += len(chunk)
+                prefilled += size
                 chunks += 1
         self._prompt_tokens += prefilled
         # Only prefill steps are long enough to be worth interrupting (the check runs per graph node).
@@ -573,10 +579,24 @@ class DecodeWorker:
             self._finish(slot, "error", error=EngineError(f"the model failed to decode (code {rc})"))
 
     def _call_trio(self, fn: Callable[..., object], *args: object) -> None:
+        """Queue a call for trio; `_post_calls` hands the step's calls over together."""
+        self._outbox.append((fn, args))
+
+    def _post_calls(self) -> None:
+        """Hand the queued calls to trio in one `run_sync_soon` (each wakes trio with a syscall),
+        in the order they were made."""
+        if not self._outbox:
+            return
+        calls, self._outbox = self._outbox, []
         try:
-            self._trio_token.run_sync_soon(fn, *args)
+            self._trio_token.run_sync_soon(_run_calls, calls)
         except trio.RunFinishedError:
             pass
+
+
+def _run_calls(calls: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
+    for fn, args in calls:
+        fn(*args)
 
 
 def _covering(entries: list[TokenLogprob], text: str) -> list[TokenLogprob]:

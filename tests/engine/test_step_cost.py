@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ktulhu.engine.step_cost import EMA, MIN_PREFILL_CHUNK, StepCost
+from ktulhu.engine.step_cost import EMA, MIN_PREFILL_CHUNK, TAIL_SHARE, StepCost
 
 
 def test_calibration_times_a_minimal_prefill_then_a_one_token_step() -> None:
@@ -90,3 +90,46 @@ def test_drafts_and_prefill_together_fit_the_batch(decode: float, token: float, 
     drafted = costs.draft_room(generating)
     assert drafted >= 0
     assert MIN_PREFILL_CHUNK <= costs.prefill_budget(generating, drafted) <= 512 - generating - drafted
+
+
+#: A 2-core CPU with the default model: 9 ms a step of streams, 2.5 ms a prompt token (100 ms target).
+CPU = StepCost(512, 0.1, decode_step_s=0.009, prefill_token_s=0.0025)
+
+
+def test_a_burst_of_arrivals_is_prefilled_whole_in_one_step() -> None:
+    # one stream started a moment before seven short prompts: all seven go in, not 64 tokens a step
+    assert CPU.plan_prefill([19] * 7, generating=1) == [19] * 7
+    # no stream at all: every whole prompt that fits the batch; the next waits rather than make the
+    # step longer without giving a first token
+    assert CPU.plan_prefill([200, 200, 200], generating=0) == [200, 200, 0]
+
+
+def test_streams_keep_their_pace_beside_fewer_waiting_requests() -> None:
+    assert CPU.plan_prefill([300], generating=7) == [MIN_PREFILL_CHUNK]
+    assert CPU.plan_prefill([19, 19, 300, 300], generating=7) == [19, 19, MIN_PREFILL_CHUNK - 38, 0]
+    # a long prompt alone in a burst is chunked all the same: finishing it takes several steps anyway
+    assert CPU.plan_prefill([2000], generating=1) == [MIN_PREFILL_CHUNK]
+
+
+def test_a_started_prompt_with_only_a_tail_left_is_finished() -> None:
+    tail = int(MIN_PREFILL_CHUNK * TAIL_SHARE)
+    assert CPU.plan_prefill([MIN_PREFILL_CHUNK + tail], generating=4) == [MIN_PREFILL_CHUNK + tail]
+    assert CPU.plan_prefill([MIN_PREFILL_CHUNK + tail + 1], generating=4) == [MIN_PREFILL_CHUNK]
+    # a prompt the budget does not reach is not started for its tail
+    assert CPU.plan_prefill([MIN_PREFILL_CHUNK, 5], generating=4) == [MIN_PREFILL_CHUNK, 0]
+
+
+@given(waiting=st.lists(st.integers(1, 3000), min_size=1, max_size=32), generating=st.integers(0, 64),
+       drafted=st.integers(0, 64), decode=st.floats(0.0, 1.0), token=st.floats(0.0, 0.1))
+def test_a_plan_fits_the_batch_and_always_makes_progress(waiting: list[int], generating: int, drafted: int,
+                                                          decode: float, token: float) -> None:
+    costs = StepCost(512, 0.1, decode_step_s=decode, prefill_token_s=token)
+    plan = costs.plan_prefill(waiting, generating, drafted)
+    room = 512 - generating - drafted
+    assert len(plan) == len(waiting)
+    assert all(0 <= chunk <= pending for chunk, pending in zip(plan, waiting))
+    assert sum(plan) <= room
+    assert sum(plan) >= min(sum(waiting), room, MIN_PREFILL_CHUNK)
+    # a prompt is only started once every older one is finished in this step
+    started = [i for i, chunk in enumerate(plan) if chunk]
+    assert all(plan[i] == waiting[i] for i in started[:-1])
