@@ -61,13 +61,15 @@ class StepCost:
         oldest first), within what `n_batch` leaves beside `generating` streams and `drafted` tokens.
 
         The step keeps to `prefill_budget`, except that a prompt it starts is finished when only a
-        tail is left (`TAIL_SHARE`), and that when at least as many sequences wait for their first
-        token as generate (a burst of arrivals), every whole prompt that fits goes in: stalling the
-        few streams once costs less than holding each waiting request back a step and stalling
-        the streams in each of those steps. A prompt too long for one step is chunked either way."""
+        tail is left (`TAIL_SHARE`), and that when several sequences wait for their first token, at
+        least as many as generate (a burst of arrivals), every whole prompt that fits goes in:
+        stalling the few streams once costs less than holding each waiting request back a step and
+        stalling the streams in each of those steps. A single waiting prompt gains only the fixed
+        cost of the steps it saves, and keeps its steps short for whoever comes next; a prompt too
+        long for one step is chunked either way."""
         room = self.n_batch - generating - drafted
         budget = self.prefill_budget(generating, drafted)
-        if len(waiting) >= generating:
+        if len(waiting) > 1 and len(waiting) >= generating:
             budget = max(budget, _whole_prompts(waiting, room))
         budget = min(budget, room)
         chunks: list[int] = []

@@ -2,9 +2,9 @@
 
 Every step packs one token for each sequence that is generating plus prefill chunks of new ones
 into one `llama_batch`. The prefill of a step (at most `n_batch` tokens) is planned by the
-step-cost model (`step_cost.StepCost`, fed every measured step): about `step_target_s` of it while
-replies stream, so a long prompt delays them, and cancellations take effect, within one short step;
-whole prompts at once when a burst of requests waits for its first tokens. Then the step decodes
+step-cost model (`step_cost.StepCost`, fed every measured step): about `step_target_s` of it, so
+a long prompt delays running streams, and cancellations take effect, within one short step; whole
+prompts at once when a burst of requests waits for its first tokens. Then the step decodes
 it (the GIL is released inside llama.cpp), samples each sequence with its own sampler chain, and
 hands the step's text to trio in one `TrioToken.run_sync_soon`, which never blocks. A cancelled
 sequence is dropped at the start of the next step; a prefill step that contains it is interrupted

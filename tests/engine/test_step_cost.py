@@ -108,7 +108,10 @@ def test_streams_keep_their_pace_beside_fewer_waiting_requests() -> None:
     assert CPU.plan_prefill([300], generating=7) == [MIN_PREFILL_CHUNK]
     assert CPU.plan_prefill([19, 19, 300, 300], generating=7) == [19, 19, MIN_PREFILL_CHUNK - 38, 0]
     # a long prompt alone in a burst is chunked all the same: finishing it takes several steps anyway
-    assert CPU.plan_prefill([2000], generating=1) == [MIN_PREFILL_CHUNK]
+    assert CPU.plan_prefill([2000, 2000], generating=1) == [MIN_PREFILL_CHUNK, 0]
+    # one waiting prompt keeps to the budget, streams or not: whole, it would save only the steps' fixed cost
+    assert CPU.plan_prefill([300], generating=0) == [MIN_PREFILL_CHUNK]
+    assert CPU.plan_prefill([300], generating=1) == [MIN_PREFILL_CHUNK]
 
 
 def test_a_started_prompt_with_only_a_tail_left_is_finished() -> None:
