@@ -19,7 +19,7 @@ import attrs
 __all__ = ["EMA", "MIN_PREFILL_CHUNK", "TAIL_SHARE", "StepCost"]
 
 # Smallest prefill chunk of a step: below ~64 tokens llama.cpp's CPU kernels cost about 30% more per
-# token (measured: 9.5 ms/token at 16, 7.2 ms/token at 64-512 with the default model on 2 cores).
+# token (measured with the default model on 2 cores: 3.4 ms/token at 16, 2.6 ms/token at 64-512).
 MIN_PREFILL_CHUNK = 64
 EMA = 0.2  # weight of the newest measurement in the estimates
 #: A prompt whose rest is at most this share of the step's budget is finished in the step: left for the
