@@ -56,7 +56,8 @@ class Workspace:
             try:
                 return pure.relative_to(self.root)
             except ValueError:
-                raise SandboxError(f"{name!r} is outside the working directory {self.root}") from None
+                # no absolute root in the message: the model's prompt shows only paths it may use
+                raise SandboxError(f"{name!r} is outside the working directory; use a path relative to it") from None
         return pure
 
     def _inside(self, name: str, path: Path) -> Path:

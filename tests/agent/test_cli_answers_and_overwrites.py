@@ -14,15 +14,16 @@ from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from ktulhu.agent.actions import ACTIONS, Action
-from ktulhu.agent.answers import RunRecord, judge_answer
+from ktulhu.agent.answers import RunRecord, judge_answer, words
 from ktulhu.agent.backends import Backend, Completion, LocalBackend
 from ktulhu.agent.loop import AgentConfig, Console, instruction_text, run_agent, system_prompt
 from ktulhu.agent.sandbox import Workspace
-from ktulhu.agent.tools import ToolBox
+from ktulhu.agent.tools import ToolBox, ToolResult
 from ktulhu.engine.engine import Engine
 from ktulhu.engine.prompt import ChatMessage
 from ktulhu.settings import Settings
@@ -76,15 +77,35 @@ class Recording:
         return completion
 
 
+@attrs.define
+class RecordingTools(ToolBox):
+    """Runs the real tools and keeps what the run produced: the arguments and results the answer rule
+    counts as evidence."""
+
+    evidence: list[str] = attrs.Factory(list)
+
+    async def execute(self, action: Action) -> ToolResult:
+        result = await super().execute(action)
+        self.evidence += [*action.args.values(), result.text]
+        return result
+
+
+def _run_of(words_: Sequence[str]) -> str:
+    return " " + " ".join(words_) + " "
+
+
 @pytest.mark.parametrize(("temperature", "seed"), [(0.0, 7), (0.8, 1)])
 async def test_the_default_model_does_not_replay_the_prompt(engine: Engine, agent_settings: Settings,
                                                             tmp_path: Path, temperature: float, seed: int) -> None:
     """The review's run: whatever the goal, the model listed `.`, read notes.txt, wrote hello.txt and answered
     "what you did or found", and that was exit 0. No action may now be copied from the instructions, and an
-    exit 0 answer must pass the answer rule."""
+    exit 0 answer must pass the answer rule.
+
+    At temperature 0.8 the seed fixes the path here (the prompt names no host path: see test_sandbox), but
+    the assertions hold for any path the sampler takes: the model or its numerics may change."""
     backend = Recording(LocalBackend(engine, agent_settings, "smol"))
     config = AgentConfig(goal=REVIEW_GOAL, max_steps=5, max_tokens=96, temperature=temperature, seed=seed)
-    tools = ToolBox(Workspace.open(tmp_path), cmd_timeout=5, confirm=_no_commands)
+    tools = RecordingTools(Workspace.open(tmp_path), cmd_timeout=5, confirm=_no_commands)
     outcome = await run_agent(config, backend, tools, Console(io.StringIO()))
     prompt = system_prompt(REVIEW_GOAL, tuple(ACTIONS), 5)
     instructions = prompt.replace(REVIEW_GOAL, "")
@@ -95,10 +116,12 @@ async def test_the_default_model_does_not_replay_the_prompt(engine: Engine, agen
         for field, value in action.items():
             if field != "action":
                 assert json.dumps(value) not in instructions, (field, value)  # no example value
-    if outcome.code == 0:  # an exit 0 answer is never a placeholder or a copy of the instructions
+    if outcome.code == 0:  # an exit 0 answer is never a placeholder, nor a sentence copied from the instructions
         assert outcome.answer and judge_answer(outcome.answer, RunRecord(
             "", instruction_text(tuple(ACTIONS), 5), False)).reason != "the answer is a placeholder, not a result"
-        assert outcome.answer.casefold() not in instructions.casefold()
+        said = words(outcome.answer)  # one word ("no", "file") is no copy; the goal and results may hold any text
+        if len(said) >= 2 and not any(_run_of(said) in _run_of(words(text)) for text in (REVIEW_GOAL, *tools.evidence)):
+            assert _run_of(said) not in _run_of(words(instruction_text(tuple(ACTIONS), 5))), outcome.answer
     assert outcome.code in (0, 3, 4, 5)
 
 

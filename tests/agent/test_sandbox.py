@@ -55,6 +55,8 @@ async def test_hostile_paths_are_refused_by_every_tool(layout: tuple[Path, Path]
         assert not result.ok, (action, result)
         assert "TOP SECRET" not in result.text
         assert "secret.txt" not in result.text or "refused" in result.text
+        # the model sees no host path: the prompt (and so a seeded run) does not depend on where it runs
+        assert str(work) not in result.text and str(outside) not in result.text, result.text
     assert _snapshot(outside) == before
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
 
