@@ -269,25 +269,26 @@ async def _generate(ctx: PromptContext, frame: PromptFrame, reply: _Reply, chat:
     if engine is None:
         raise Refused("server_busy", "the model is not loaded yet; try again shortly")
     settings = runtime.settings
-    history = (await store.aio.list_messages_for_chat(chat.id, last=settings.history_messages)
-               if settings.history_messages else [])
+    with runtime.arrivals.expecting():  # on its way until the engine has the prompt (`Arrivals`)
+        history = (await store.aio.list_messages_for_chat(chat.id, last=settings.history_messages)
+                   if settings.history_messages else [])
 
-    newest = render_content(frame.text, notes)
-    messages = [ChatMessage("system", system_prompt(result, frame.language)),
-                *history_turns(history), ChatMessage("user", newest)]
-    params = SamplingParams.defaults(settings)
-    lease = None
-    try:
-        pool = runtime.models.current
-        if pool is not None:  # a configured name picks its model; any other is the default
-            lease = await pool.acquire(frame.model, strict=False)
-            engine = lease.engine
-        reply.generation = await engine.chat(messages, params, chat_id=chat.id, left_on=_left_on(history))
-    except ENGINE_REFUSALS as refused:
-        raise Refused(ws_code(refused), str(refused)) from None
-    finally:
-        if lease is not None and reply.generation is None:
-            lease.release()
+        newest = render_content(frame.text, notes)
+        messages = [ChatMessage("system", system_prompt(result, frame.language)),
+                    *history_turns(history), ChatMessage("user", newest)]
+        params = SamplingParams.defaults(settings)
+        lease = None
+        try:
+            pool = runtime.models.current
+            if pool is not None:  # a configured name picks its model; any other is the default
+                lease = await pool.acquire(frame.model, strict=False)
+                engine = lease.engine
+            reply.generation = await engine.chat(messages, params, chat_id=chat.id, left_on=_left_on(history))
+        except ENGINE_REFUSALS as refused:
+            raise Refused(ws_code(refused), str(refused)) from None
+        finally:
+            if lease is not None and reply.generation is None:
+                lease.release()
     reply.generation.metrics.arrived = frame.received  # the request overhead metric starts there
     if lease is not None:
         lease.follow(reply.generation)  # the model stays loaded until the reply ends

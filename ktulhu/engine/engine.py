@@ -23,12 +23,13 @@ import llama_cpp
 import trio
 
 from ..settings import DEFAULT_TEMPLATE_FILE, Settings
+from .arrivals import Arrivals
 from .in_flight import InFlight
 from .model import Model
 from .prompt import DEFAULT_SYSTEM, ChatMessage, ContextTooLong, Prompt, PromptBuilder, PromptError
 from .request import Busy, EngineClosed, EngineEvents, Finished, Generation
 from .sampling import SamplingParams
-from .worker import DecodeWorker, WorkerStats, physical_cores
+from .worker import GATHER_MAX_S, DecodeWorker, WorkerStats, physical_cores
 
 __all__ = ["PROMPT_THREADS", "Engine", "EngineStats"]
 
@@ -63,11 +64,16 @@ class Engine:
     """Batched generation on one loaded model. Create it, then run `run` in a nursery."""
 
     def __init__(self, model: Model, settings: Settings, *, prompt_builder: PromptBuilder | None = None,
-                 events: EngineEvents = EngineEvents()) -> None:
+                 events: EngineEvents = EngineEvents(), arrivals: Arrivals | None = None,
+                 gather_max_s: float = GATHER_MAX_S) -> None:
         self.model = model
         self.settings = settings
         #: Told of every step and every generation's end (the process's metrics when serving).
         self.events = events
+        #: Requests on their way (the process's, when serving): an idle worker waits up to
+        #: `gather_max_s` for them. A generation counts from `generate` until a worker has it.
+        self.arrivals = arrivals if arrivals is not None else Arrivals()
+        self.gather_max_s = gather_max_s
         self.n_ctx_seq = min(settings.ctx, model.info.n_ctx_train) if model.info.n_ctx_train > 0 else settings.ctx
         self.prompts = prompt_builder or _prompt_builder(model, settings)
         #: Bounds the worker threads building prompts (`build_prompt`).
@@ -93,7 +99,7 @@ class Engine:
                         n_threads=threads, trio_token=token, on_slot_free=slots_free.release,
                         step_target_s=settings.step_target_ms / 1000, events=self.events,
                         draft_tokens=settings.draft_tokens if settings.speculative == "ngram" else 0,
-                        draft_ngram=settings.draft_ngram,
+                        draft_ngram=settings.draft_ngram, arrivals=self.arrivals, gather_max_s=self.gather_max_s,
                     ))
                     self._workers.append(worker)
                     nursery.start_soon(self._run_worker, worker, name=f"decode-{index}")
@@ -107,14 +113,17 @@ class Engine:
             self._send.close()
             while True:  # requests still waiting for a slot end now, with a clear error
                 try:
-                    self._receive.receive_nowait().fail(EngineClosed("the server is shutting down"))
+                    gen = self._receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+                self.arrivals.leave()
+                gen.fail(EngineClosed("the server is shutting down"))
             await self._stop_prompts()
 
     async def _run_worker(self, worker: DecodeWorker) -> None:
         try:
-            await trio.to_thread.run_sync(worker.run, abandon_on_cancel=True)
+            with self.arrivals.waking(worker.wake):
+                await trio.to_thread.run_sync(worker.run, abandon_on_cancel=True)
         finally:
             worker.stop()
             with trio.CancelScope(shield=True):  # the context is freed by its own thread: wait for it
@@ -133,15 +142,18 @@ class Engine:
 
     async def _feed(self, worker: DecodeWorker, slots_free: trio.Semaphore) -> None:
         async for gen in self._receive:
-            if gen.cancelled:  # its reader left while it waited: it never needs a slot
-                gen.deliver("", Finished("cancelled", gen.metrics))
-                continue
             try:
-                await slots_free.acquire()
-            except BaseException:
-                gen.fail(EngineClosed("the server is shutting down"))
-                raise
-            worker.submit(gen)
+                if gen.cancelled:  # its reader left while it waited: it never needs a slot
+                    gen.deliver("", Finished("cancelled", gen.metrics))
+                    continue
+                try:
+                    await slots_free.acquire()
+                except BaseException:
+                    gen.fail(EngineClosed("the server is shutting down"))
+                    raise
+                worker.submit(gen)
+            finally:  # after the worker has it: a gathering worker then also waits for the next one
+                self.arrivals.leave()
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -176,6 +188,7 @@ class Engine:
             self._send.send_nowait(gen)
         except trio.WouldBlock:
             raise Busy(f"the server is busy ({self.settings.queue} requests waiting); try again shortly") from None
+        self.arrivals.enter()  # on its way until a feeder hands it to a worker
         # every way out ends the handle: finished, cancelled (queued or running), failed at close
         self._in_flight.enter()
         gen.when_finished(self._in_flight.leave)
@@ -187,23 +200,25 @@ class Engine:
 
         `left_on` (where the chat's last reply was made, and its length in tokens) matters only to
         remote workers; this engine knows its own slots."""
-        prompt = await self.build_prompt(messages, params.max_tokens)
-        if prompt.max_tokens < params.max_tokens:
-            params = attrs.evolve(params, max_tokens=prompt.max_tokens)
-        return self.generate(prompt.tokens, params, chat_id=chat_id)
+        with self.arrivals.expecting():
+            prompt = await self.build_prompt(messages, params.max_tokens)
+            if prompt.max_tokens < params.max_tokens:
+                params = attrs.evolve(params, max_tokens=prompt.max_tokens)
+            return self.generate(prompt.tokens, params, chat_id=chat_id)
 
     async def complete(self, prompt: str | Sequence[int], params: SamplingParams, *,
                        chat_id: str | None = None) -> Generation:
         """A raw completion: `prompt` as text (tokenised off the trio thread, with the model's BOS and
         control tokens parsed, as llama-server does) or as token ids (taken as they are); no chat
         template. The reply's budget is cut to what the slot's context leaves after the prompt."""
-        tokens = await self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else list(prompt)
-        room = self.n_ctx_seq - len(tokens)
-        if tokens and room < 1:
-            raise ContextTooLong(len(tokens) + 1, self.n_ctx_seq)
-        if tokens and room < params.max_tokens:
-            params = attrs.evolve(params, max_tokens=room)
-        return self.generate(tokens, params, chat_id=chat_id)
+        with self.arrivals.expecting():
+            tokens = await self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else list(prompt)
+            room = self.n_ctx_seq - len(tokens)
+            if tokens and room < 1:
+                raise ContextTooLong(len(tokens) + 1, self.n_ctx_seq)
+            if tokens and room < params.max_tokens:
+                params = attrs.evolve(params, max_tokens=room)
+            return self.generate(tokens, params, chat_id=chat_id)
 
     async def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True,
                        with_pieces: bool = False) -> list[int] | list[tuple[int, bytes]]:

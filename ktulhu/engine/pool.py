@@ -100,6 +100,8 @@ class ModelPool:
         self._nursery = nursery
         #: The other models report to whatever the default engine reports to.
         self._events = default.events
+        #: The process's requests on their way: every model's idle worker may wait for them (bounded).
+        self._arrivals = default.arrivals
         self.default_name = settings.model_name
         self._aliases = {settings.model_file.name, settings.model_path}
         default_entry = _Entry(self.default_name, None, settings, sizes[self.default_name], state="loaded",
@@ -243,7 +245,7 @@ class ModelPool:
         model: Model | None = None
         try:
             model = await trio.to_thread.run_sync(Model.load, entry.settings, abandon_on_cancel=True)
-            engine = Engine(model, entry.settings, events=self._events)
+            engine = Engine(model, entry.settings, events=self._events, arrivals=self._arrivals)
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.run)
                 entry.engine, entry.state, entry.loads = engine, "loaded", entry.loads + 1

@@ -1,18 +1,22 @@
 """One llama context and the decode thread that owns it: continuous batching over its slots.
 
-Every step packs one token for each sequence that is generating plus prefill chunks of new ones
-into one `llama_batch`. The prefill of a step (at most `n_batch` tokens) is planned by the
-step-cost model (`step_cost.StepCost`, fed every measured step): about `step_target_s` of it, so
-a long prompt delays running streams, and cancellations take effect, within one short step; whole
-prompts at once when a burst of requests waits for its first tokens. Then the step decodes
-it (the GIL is released inside llama.cpp), samples each sequence with its own sampler chain, and
-hands the step's text to trio in one `TrioToken.run_sync_soon`, which never blocks. A cancelled
-sequence is dropped at the start of the next step; a prefill step that contains it is interrupted
-(llama.cpp's abort callback) and redone without it. Finished sequences keep their
-KV cache, and the slot-reuse policy (`slot_choice`) decides where a new request goes: the slot
-whose cache shares a prefix with its prompt (a follow-up turn of the same chat), which then
-prefills only the new tokens; on another slot it starts from a copy of the longest cached prefix
-(a system prompt shared across chats, a repeated API prompt) when that saves enough prefill.
+Every step packs one token for each sequence that is generating plus prefill chunks of new ones into
+one `llama_batch`. The prefill of a step (at most `n_batch` tokens) is planned by the step-cost
+model (`step_cost.StepCost`, fed every measured step): about `step_target_s` of it, so a long prompt
+delays running streams, and cancellations take effect, within one short step; whole prompts at once
+when a burst of requests waits for its first tokens. Then the step decodes it (the GIL is released
+inside llama.cpp), samples each sequence with its own sampler chain, and hands the step's text to
+trio in one `TrioToken.run_sync_soon`, which never blocks. A cancelled sequence is dropped at the
+start of the next step; a prefill step that contains it is interrupted (llama.cpp's abort callback)
+and redone without it. Finished sequences keep their KV cache, and the slot-reuse policy
+(`slot_choice`) decides where a new request goes: the slot whose cache shares a prefix with its
+prompt (a follow-up turn of the same chat), which then prefills only the new tokens; on another slot
+it starts from a copy of the longest cached prefix (a system prompt shared across chats, a repeated
+API prompt) when that saves enough prefill.
+
+An idle worker that gets a prompt while other requests are still on their way (`arrivals`: being
+authenticated, routed, built on the trio thread) waits briefly for them before its first step, so a
+burst that arrived together is prefilled together rather than behind the first request's step.
 
 With speculative decoding on, a plain greedy sequence may also send a draft after its token: the
 tokens that followed the latest earlier occurrence of its last n tokens (`draft`), as many as pay
@@ -39,6 +43,7 @@ import numpy as np
 import trio
 
 from . import llama_log
+from .arrivals import Arrivals
 from .draft import Drafter, can_draft, plan_drafts
 from .model import Model
 from .output import OutputFilter
@@ -47,11 +52,14 @@ from .sampling import TokenSampler, token_logprobs
 from .slot_choice import choose_slot, common_prefix, copy_source, min_copied_tokens
 from .step_cost import MIN_PREFILL_CHUNK, StepCost
 
-__all__ = ["DecodeWorker", "WorkerStats", "physical_cores"]
+__all__ = ["GATHER_MAX_S", "DecodeWorker", "WorkerStats", "physical_cores"]
 
 log = logging.getLogger("ktulhu.engine")
 IDLE_WAIT_S = 0.1  # bounded sleep of an idle decode thread between checks for work or stop
 LLAMA_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback stopped it
+#: The longest an idle worker waits for requests on their way before its first step (`_gather`): a
+#: burst of 8 reaches the engine over 5-25 ms on a 2-core CPU (the per-request work before it).
+GATHER_MAX_S = 0.05
 
 
 def physical_cores() -> int:
@@ -132,10 +140,15 @@ class DecodeWorker:
         draft_tokens: int = 0,
         draft_ngram: int = 3,
         events: EngineEvents = EngineEvents(),
+        arrivals: Arrivals | None = None,
+        gather_max_s: float = GATHER_MAX_S,
     ) -> None:
         """`draft_tokens`: longest draft a plain greedy sequence verifies per step (0 = no speculative
-        decoding), looked up by n-grams of `draft_ngram` tokens down to 2."""
+        decoding), looked up by n-grams of `draft_ngram` tokens down to 2. `arrivals`: requests on
+        their way, waited for up to `gather_max_s` by an idle worker (none: never waits)."""
         self.model = model
+        self.arrivals = arrivals if arrivals is not None else Arrivals()
+        self.gather_max_s = gather_max_s
         #: Told of every step (`EngineEvents.step`, on this thread: cheap and thread-safe).
         self.events = events
         self.n_slots = n_slots
@@ -243,6 +256,10 @@ class DecodeWorker:
         self._stopping = True
         self._wake.set()
 
+    def wake(self) -> None:
+        """Look again for work now (`Arrivals` calls it when no request is on its way any more)."""
+        self._wake.set()
+
     def stats(self) -> WorkerStats:
         slots = list(self.slots)
         return WorkerStats(
@@ -291,8 +308,11 @@ class DecodeWorker:
                 if slot.gen is None and slot.cached:
                     llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
                     slot.cached = []
+        was_idle = all(slot.gen is None for slot in self.slots)
         while self._inbox:
             self._admit(self._inbox.popleft())
+        if was_idle and self.arrivals.count and any(slot.gen is not None for slot in self.slots):
+            self._gather()
         for slot in self.slots:
             if slot.gen is not None and slot.gen.cancelled:
                 self._finish(slot, "cancelled")
@@ -358,6 +378,23 @@ class DecodeWorker:
         self._steps += 1
         self._step_s += time.perf_counter() - started
         return True
+
+    def _gather(self) -> None:
+        """Admit the requests still on their way (`arrivals`) as they come, until none is left, the
+        slots are full, or the wait would cost more than it saves: at most `gather_max_s`, and at
+        most the step the admitted prompts would take, which is all a later request could lose by
+        waiting for it. A submission or the count falling to zero wakes the wait."""
+        costs = self.costs
+        pending = sum(len(slot.pending) for slot in self.slots if slot.gen is not None)
+        deadline = time.perf_counter() + min(self.gather_max_s, costs.decode_step_s + pending * costs.prefill_token_s)
+        while True:
+            self._wake.clear()  # before looking: a submission that follows sets it again
+            while self._inbox:
+                self._admit(self._inbox.popleft())
+            left = deadline - time.perf_counter()
+            if left <= 0 or not self.arrivals.count or self._stopping or all(s.gen is not None for s in self.slots):
+                return
+            self._wake.wait(left)
 
     def _plan_drafts(self, streams: list[_Slot]) -> int:
         """Look up the draft of each speculating stream and choose how much of it this step verifies

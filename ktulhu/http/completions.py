@@ -130,11 +130,13 @@ def _cache_key(user_id: str, prompt: str | tuple[int, ...]) -> str:
 async def completions() -> Response:
     caller = await authenticate()
     runtime = current_runtime()
-    body = await json_body({}, max_bytes=openai.MAX_BODY)
-    request = parse_completion(body, runtime.settings, max_chars=runtime.settings.max_prompt_chars * 4,
-                               n_vocab=openai._vocab_size(runtime))
-    paid = await begin(runtime, caller.user, (), request.params, prompt=request.prompt,
-                       chat_id=_cache_key(caller.user.id, request.prompt), model=body.get("model"))
+    # an authenticated request is on its way until the engine has its prompt (`Arrivals`)
+    with runtime.arrivals.expecting():
+        body = await json_body({}, max_bytes=openai.MAX_BODY)
+        request = parse_completion(body, runtime.settings, max_chars=runtime.settings.max_prompt_chars * 4,
+                                   n_vocab=openai._vocab_size(runtime))
+        paid = await begin(runtime, caller.user, (), request.params, prompt=request.prompt,
+                           chat_id=_cache_key(caller.user.id, request.prompt), model=body.get("model"))
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": paid.model or openai.model_name()}
     if request.stream:

@@ -91,29 +91,32 @@ async def generate() -> Response:
     """Single-turn generation with intent routing; `"stream": true` answers with SSE."""
     caller = await authenticate()
     runtime = current_runtime()
-    settings = runtime.settings
-    body = await json_body(_GENERATE_SPEC)
-    prompt = body["prompt"].strip()
-    if not prompt:
-        raise Problem(400, "prompt_required", "`prompt` must not be empty")
-    if len(prompt) > settings.max_prompt_chars:
-        raise Problem(413, "prompt_too_long", f"`prompt` must be at most {settings.max_prompt_chars} characters")
-    custom = (body.get("system_prompt") or "").strip()
-    if len(custom) > settings.max_prompt_chars:
-        raise Problem(413, "prompt_too_long",
-                      f"`system_prompt` must be at most {settings.max_prompt_chars} characters")
-    language = _language(body.get("language"))
-    try:
-        params = SamplingParams.defaults(settings, max_tokens=body.get("max_tokens"), temperature=body.get("temperature"),
-                                         top_p=body.get("top_p"), seed=body.get("seed"))
-    except ValueError as exc:
-        raise Problem(422, "invalid_body", str(exc)) from None
-    if not usage(settings, caller.user)["can_generate"]:  # spare the router; `begin` decides atomically
-        raise Problem(403, "free_quota_exceeded", "the free plan's generations are used up; upgrade to continue")
-    route, routed_prompt = await routed_system_prompt(runtime, prompt, language)
-    system_text = custom or routed_prompt
-    messages = [ChatMessage("system", system_text), ChatMessage("user", prompt)]
-    paid = await begin(runtime, caller.user, messages, params, model=body.get("model"))
+    # an authenticated request is on its way until the engine has its prompt (`Arrivals`)
+    with runtime.arrivals.expecting():
+        settings = runtime.settings
+        body = await json_body(_GENERATE_SPEC)
+        prompt = body["prompt"].strip()
+        if not prompt:
+            raise Problem(400, "prompt_required", "`prompt` must not be empty")
+        if len(prompt) > settings.max_prompt_chars:
+            raise Problem(413, "prompt_too_long", f"`prompt` must be at most {settings.max_prompt_chars} characters")
+        custom = (body.get("system_prompt") or "").strip()
+        if len(custom) > settings.max_prompt_chars:
+            raise Problem(413, "prompt_too_long",
+                          f"`system_prompt` must be at most {settings.max_prompt_chars} characters")
+        language = _language(body.get("language"))
+        try:
+            params = SamplingParams.defaults(settings, max_tokens=body.get("max_tokens"),
+                                             temperature=body.get("temperature"), top_p=body.get("top_p"),
+                                             seed=body.get("seed"))
+        except ValueError as exc:
+            raise Problem(422, "invalid_body", str(exc)) from None
+        if not usage(settings, caller.user)["can_generate"]:  # spare the router; `begin` decides atomically
+            raise Problem(403, "free_quota_exceeded", "the free plan's generations are used up; upgrade to continue")
+        route, routed_prompt = await routed_system_prompt(runtime, prompt, language)
+        system_text = custom or routed_prompt
+        messages = [ChatMessage("system", system_text), ChatMessage("user", prompt)]
+        paid = await begin(runtime, caller.user, messages, params, model=body.get("model"))
     head = {
         "request_id": str(uuid.uuid4()),
         "user_id": caller.user.id,

@@ -527,11 +527,13 @@ async def _context_size(runtime: Runtime) -> dict[str, Any]:
 async def chat_completions() -> Response:
     caller = await authenticate()
     runtime = current_runtime()
-    body = await json_body({}, max_bytes=MAX_BODY)
-    chat = parse_request(body, runtime.settings, max_chars=runtime.settings.max_prompt_chars * 4,
-                         n_vocab=_vocab_size(runtime))
-    paid = await begin(runtime, caller.user, chat.messages, chat.params,
-                       chat_id=_cache_key(caller.user.id, chat.messages), model=body.get("model"))
+    # an authenticated request is on its way until the engine has its prompt (`Arrivals`)
+    with runtime.arrivals.expecting():
+        body = await json_body({}, max_bytes=MAX_BODY)
+        chat = parse_request(body, runtime.settings, max_chars=runtime.settings.max_prompt_chars * 4,
+                             n_vocab=_vocab_size(runtime))
+        paid = await begin(runtime, caller.user, chat.messages, chat.params,
+                           chat_id=_cache_key(caller.user.id, chat.messages), model=body.get("model"))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": paid.model or model_name()}
     if chat.stream:
         return sse_response(_stream(paid, meta, chat.include_usage, chat.tools), paid)

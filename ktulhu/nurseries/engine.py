@@ -59,7 +59,7 @@ async def _run_local(runtime: Runtime, *, task_status: trio.TaskStatus[dict[str,
     # A big GGUF can take long to map; on shutdown the loading thread is abandoned, not waited for.
     model = await trio.to_thread.run_sync(Model.load, settings, abandon_on_cancel=True)
     try:
-        engine = Engine(model, settings, events=ENGINE_EVENTS)
+        engine = Engine(model, settings, events=ENGINE_EVENTS, arrivals=runtime.arrivals)
         # /v1/embeddings' context (created on first use) is freed after the engine stops, before the model.
         async with embeddings.serving(engine, settings) as embedder, trio.open_nursery() as nursery:
             engine_info = await nursery.start(engine.run)

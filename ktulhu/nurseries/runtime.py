@@ -10,6 +10,7 @@ import trio
 from ..chat.hub import SummaryHub
 from ..chat.turns import TurnQueue
 from ..doctor import LiveDoctor
+from ..engine.arrivals import Arrivals
 from ..settings import Settings
 from .provided import Provided
 from .readiness import Readiness
@@ -65,6 +66,9 @@ class Runtime:
     summary_hub: SummaryHub = attrs.field(factory=SummaryHub)
     #: One reply per chat at a time (`/ws` prompts queue behind a chat's running reply).
     turns: TurnQueue = attrs.field(factory=TurnQueue)
+    #: Generation requests between their arrival and the engine (the local engine's idle workers
+    #: wait briefly for them, so a burst is prefilled together).
+    arrivals: Arrivals = attrs.field(factory=Arrivals)
     #: `ktulhu doctor`'s report as this server sees itself (`/readyz`, admin overview).
     doctor: LiveDoctor = attrs.field(init=False)
 
