@@ -72,6 +72,8 @@ async def test_metrics_exposition(live_server):
             assert value(after, "ktulhu_engine_queue_capacity") == stats.queue_capacity
             assert 0.0 <= value(after, "ktulhu_engine_kv_usage_ratio") <= 1.0
             assert value(after, "ktulhu_engine_slots") >= 1
+            assert value(after, "ktulhu_engine_prefix_store_bytes") == stats.stored_bytes
+            assert value(after, "ktulhu_engine_prefix_restores_total") == stats.prefix_restores
 
             # The finished generation fed the histograms and the token counters.
             generated = gen.finished.metrics.generated_tokens

@@ -59,6 +59,14 @@ class EngineStats:
         capacity = sum(w.kv_capacity for w in self.workers)
         return 0.0 if capacity == 0 else sum(w.kv_tokens for w in self.workers) / capacity
 
+    @property
+    def stored_bytes(self) -> int:
+        return sum(w.stored_bytes for w in self.workers)
+
+    @property
+    def prefix_restores(self) -> int:
+        return sum(w.prefix_restores for w in self.workers)
+
 
 class Engine:
     """Batched generation on one loaded model. Create it, then run `run` in a nursery."""
@@ -100,6 +108,7 @@ class Engine:
                         step_target_s=settings.step_target_ms / 1000, events=self.events,
                         draft_tokens=settings.draft_tokens if settings.speculative == "ngram" else 0,
                         draft_ngram=settings.draft_ngram, arrivals=self.arrivals, gather_max_s=self.gather_max_s,
+                        prefix_store_bytes=settings.prefix_store_mb << 20,
                     ))
                     self._workers.append(worker)
                     nursery.start_soon(self._run_worker, worker, name=f"decode-{index}")

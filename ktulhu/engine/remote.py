@@ -103,6 +103,8 @@ class RemoteWorkerStats:
     #: The remote KV cache is the worker's own business: not counted here.
     kv_tokens: int = 0
     kv_capacity: int = 0
+    stored_bytes: int = 0
+    prefix_restores: int = 0
 
 
 def prefix_key(messages: Sequence[ChatMessage]) -> str:

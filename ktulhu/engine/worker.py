@@ -12,7 +12,10 @@ and redone without it. Finished sequences keep their KV cache, and the slot-reus
 (`slot_choice`) decides where a new request goes: the slot whose cache shares a prefix with its
 prompt (a follow-up turn of the same chat), which then prefills only the new tokens; on another slot
 it starts from a copy of the longest cached prefix (a system prompt shared across chats, a repeated
-API prompt) when that saves enough prefill.
+API prompt) when that saves enough prefill. A prefix that requests of different chats shared is saved
+to host memory (`prefix_store`) before the last slot holding it is reused, and restored from there
+into a later request's slot: a burst that takes every slot does not cost the next requests their
+shared system prompt.
 
 An idle worker that gets a prompt while other requests are still on their way (`arrivals`: being
 authenticated, routed, built on the trio thread) waits briefly for them before its first step, so a
@@ -47,9 +50,10 @@ from .arrivals import Arrivals
 from .draft import Drafter, can_draft, plan_drafts
 from .model import Model
 from .output import OutputFilter
+from .prefix_store import PrefixStore, StoredPrefix
 from .request import EngineClosed, EngineError, EngineEvents, Finished, Generation, GrammarDeadEnd, TokenLogprob
 from .sampling import TokenSampler, token_logprobs
-from .slot_choice import choose_slot, common_prefix, copy_source, min_copied_tokens
+from .slot_choice import MIN_COPIED_TOKENS, choose_slot, common_prefix, copy_source, min_copied_tokens
 from .step_cost import MIN_PREFILL_CHUNK, StepCost
 
 __all__ = ["GATHER_MAX_S", "DecodeWorker", "WorkerStats", "physical_cores"]
@@ -60,6 +64,9 @@ LLAMA_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback s
 #: The longest an idle worker waits for requests on their way before its first step (`_gather`): a
 #: burst of 8 reaches the engine over 5-25 ms on a 2-core CPU (the per-request work before it).
 GATHER_MAX_S = 0.05
+#: Shortest shared prefix saved to the store: a shorter one saves less than a step of prefill, and
+#: two unrelated prompts often share a few tokens of template ("<|im_start|>system\nYou are").
+MIN_SAVED_TOKENS = 16
 
 
 def physical_cores() -> int:
@@ -78,6 +85,8 @@ class _Slot:
     sid: int
     #: Tokens whose KV is in this sequence, in order (the prefix-reuse key).
     cached: list[int] = attrs.field(factory=list)
+    #: How much of `cached` requests of other chats started from (saved before it is lost).
+    shared: int = 0
     chat_id: str | None = None
     last_used: float = 0.0
     gen: Generation | None = None
@@ -116,6 +125,10 @@ class WorkerStats:
     #: Draft tokens verified (speculative decoding), and those accepted.
     draft_tokens: int
     accepted_tokens: int
+    #: Shared prefixes saved in host memory (`prefix_store`), their bytes, and restores from them.
+    stored_prefixes: int
+    stored_bytes: int
+    prefix_restores: int
 
     @property
     def bookkeeping_share(self) -> float:
@@ -142,11 +155,14 @@ class DecodeWorker:
         events: EngineEvents = EngineEvents(),
         arrivals: Arrivals | None = None,
         gather_max_s: float = GATHER_MAX_S,
+        prefix_store_bytes: int = 0,
     ) -> None:
         """`draft_tokens`: longest draft a plain greedy sequence verifies per step (0 = no speculative
         decoding), looked up by n-grams of `draft_ngram` tokens down to 2. `arrivals`: requests on
-        their way, waited for up to `gather_max_s` by an idle worker (none: never waits)."""
+        their way, waited for up to `gather_max_s` by an idle worker (none: never waits).
+        `prefix_store_bytes`: host memory for shared prefixes no slot holds (0: none kept)."""
         self.model = model
+        self.store = PrefixStore(prefix_store_bytes) if prefix_store_bytes > 0 else None
         self.arrivals = arrivals if arrivals is not None else Arrivals()
         self.gather_max_s = gather_max_s
         #: Told of every step (`EngineEvents.step`, on this thread: cheap and thread-safe).
@@ -187,7 +203,7 @@ class DecodeWorker:
         self._outbox: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         #: Sizes each step's prefill: timed once here, so the first real step is sized right, then fed every step.
         self.costs = StepCost.calibrate(self._time_calibration_step, n_batch=n_batch, step_target_s=step_target_s)
-        #: Prefill a copy of another slot's prefix must save (`_copy_longer_prefix`): the copy's cost,
+        #: Prefill a copy of another slot's prefix must save (`_copy`): the copy's cost,
         #: timed once, over a prompt token's.
         self.min_copied = min_copied_tokens(self._time_copy() if n_slots > 1 else 0.0, self.costs.prefill_token_s)
         # llama.cpp polls this between graph nodes of long (prefill) steps: a cancel stops the step
@@ -201,8 +217,12 @@ class DecodeWorker:
         self._generated = 0
         self._drafted = 0
         self._accepted = 0
-        #: Admissions that started from another slot's copied prefix (`_copy_longer_prefix`).
+        #: Admissions that started from another slot's copied prefix (`_copy`), or a saved one (`_restore`).
         self.prefix_copies = 0
+        self.prefix_restores = 0
+        #: Slots whose stream a copy queued since the last decode reads (llama.cpp copies at the
+        #: next decode): nothing may be restored into them before it.
+        self._donors: set[int] = set()
 
     def _time_calibration_step(self, n_tokens: int) -> float:
         """Seconds one step of `n_tokens` arbitrary tokens takes on slot 0 (left empty again)."""
@@ -276,6 +296,9 @@ class DecodeWorker:
             aborted_steps=self._aborted_steps,
             draft_tokens=self._drafted,
             accepted_tokens=self._accepted,
+            stored_prefixes=len(self.store.entries) if self.store else 0,
+            stored_bytes=self.store.bytes if self.store else 0,
+            prefix_restores=self.prefix_restores,
         )
 
     # --- the decode thread -----------------------------------------------------------------------
@@ -308,6 +331,8 @@ class DecodeWorker:
                 if slot.gen is None and slot.cached:
                     llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
                     slot.cached = []
+            if self.store:
+                self.store.clear()
         was_idle = all(slot.gen is None for slot in self.slots)
         while self._inbox:
             self._admit(self._inbox.popleft())
@@ -356,6 +381,7 @@ class DecodeWorker:
         else:
             rc = llama_cpp.llama_decode(self.ctx, batch)
         elapsed = time.perf_counter() - decode_started
+        self._donors.clear()  # the queued copies were made before the decode wrote anything
         if watch:
             llama_cpp.llama_set_abort_callback(self.ctx, llama_cpp.ggml_abort_callback(), None)
             self._watched = []
@@ -496,7 +522,7 @@ class DecodeWorker:
             return
         idle = [s for s in self.slots if s.gen is None]
         slot = choose_slot(idle, prompt, gen.chat_id)
-        self._copy_longer_prefix(slot, idle, prompt)
+        self._start_from_longest_prefix(slot, idle, prompt)
         reuse = common_prefix(slot.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is decoded again for its logits
         if reuse < len(slot.cached):
@@ -505,6 +531,7 @@ class DecodeWorker:
                 reuse = 0
             del slot.cached[reuse:]
         own = gen.chat_id is not None and slot.chat_id == gen.chat_id
+        self._mark_shared(slot, gen, min(slot.shared, reuse) if own else reuse)
         slot.drafter = Drafter.create(prompt, self.draft_ngram) if self.draft_tokens and can_draft(gen.params) else None
         slot.chain = chain
         slot.gen = gen
@@ -516,26 +543,86 @@ class DecodeWorker:
         gen.metrics.cached_tokens = reuse
         gen.metrics.own_cached_tokens = reuse if own else 0
 
-    def _copy_longer_prefix(self, slot: _Slot, idle: list[_Slot], prompt: list[int]) -> None:
-        """When another slot of `idle` holds a prefix of `prompt` long enough to pay (`copy_source`: a
-        system prompt shared across chats, a repeated API prompt, a regenerated reply), copy that KV
-        into `slot` rather than prefill it again; the other slot keeps its cache.
+    def _start_from_longest_prefix(self, slot: _Slot, idle: list[_Slot], prompt: list[int]) -> None:
+        """Give `slot` the longest cached prefix of `prompt` where that saves enough prefill: its
+        own, another idle slot's (`copy_source`: a system prompt shared across chats, a repeated API
+        prompt, a regenerated reply), or a saved one (`store`). A shared prefix the slot gives up is
+        saved first (`_save_shared`)."""
+        kept = common_prefix(slot.cached, prompt)
+        source = copy_source(slot, idle, prompt, self.min_copied)
+        stored = self.store.longest(prompt) if self.store else None
+        if (stored is not None and slot.sid not in self._donors
+                and stored[1] >= max(kept, source[1] if source else 0) + MIN_COPIED_TOKENS):
+            self._save_shared(slot, 0)
+            self._restore(slot, stored[0])
+        elif source is not None:
+            self._save_shared(slot, 0)
+            self._copy(slot, *source)
+        else:
+            self._save_shared(slot, kept)
+
+    def _copy(self, slot: _Slot, donor: _Slot, length: int) -> None:
+        """Start `slot` from the first `length` tokens of `donor`'s cache; the donor keeps its own.
 
         Each sequence has its own KV stream, which llama.cpp copies whole (at the next decode, before
         that decode writes anything); the copy is then cut to the shared prefix."""
-        source = copy_source(slot, idle, prompt, self.min_copied)
-        if source is None:
-            return
-        donor, best = source
         llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.mem, donor.sid, slot.sid, -1, -1)
-        if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, best, -1):
+        self._donors.add(donor.sid)
+        if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, length, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
             slot.cached = []
             return
-        slot.cached = donor.cached[:best]
+        slot.cached = donor.cached[:length]
         slot.chat_id = donor.chat_id  # whose prefix it now holds (what counts as a chat's own reuse)
         self.prefix_copies += 1
+
+    def _mark_shared(self, slot: _Slot, gen: Generation, taken: int) -> None:
+        """Record the prefix of `gen`'s prompt that requests of other chats also start with, on its
+        slot and on theirs (what `_save_shared` keeps): `taken`, what it started from that another
+        chat left (0 for its own cache), or more when another chat's cache or prompt shares more (a
+        burst admitted together, each prefilling the same system prompt)."""
+        shared = taken
+        for other in self.slots:
+            if other is slot or (gen.chat_id is not None and other.chat_id == gen.chat_id):
+                continue
+            common = common_prefix(other.gen.tokens if other.gen is not None else other.cached, gen.tokens)
+            if common >= MIN_SAVED_TOKENS:
+                other.shared = max(other.shared, common)
+                shared = max(shared, common)
+        slot.shared = shared
+
+    def _save_shared(self, slot: _Slot, keep: int) -> None:
+        """Before `slot` keeps only its first `keep` tokens, save the prefix of it that requests of
+        other chats started from (`_Slot.shared`) to the store, unless another slot or an entry holds
+        it: the last copy of a system prompt that a burst of other requests is taking every slot from.
+        Only the prefix's cells are saved (the slot is cut to it first)."""
+        shared = min(slot.shared, len(slot.cached))
+        if self.store is None or shared <= keep or shared < MIN_SAVED_TOKENS:
+            return
+        prefix = slot.cached[:shared]
+        if self.store.covers(prefix) or any(
+                other is not slot and common_prefix(other.cached, prefix) == shared for other in self.slots):
+            return
+        if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, shared, -1):
+            return  # a recurrent state cannot be cut to a prefix
+        del slot.cached[shared:]
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.sid)
+        if self.store.fits(size):
+            data = (ctypes.c_uint8 * size)()
+            if llama_cpp.llama_state_seq_get_data(self.ctx, data, size, slot.sid) == size:
+                self.store.put(prefix, data, size, time.perf_counter())
+
+    def _restore(self, slot: _Slot, entry: StoredPrefix) -> None:
+        """Put a saved prefix's cells into `slot` in place of what it held."""
+        slot.chat_id = None
+        if llama_cpp.llama_state_seq_set_data(self.ctx, entry.data, entry.size, slot.sid) != entry.size:
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
+            slot.cached = []
+            return
+        slot.cached = list(entry.tokens)
+        entry.last_used = time.perf_counter()
+        self.prefix_restores += 1
 
     def _sampled(self, slot: _Slot, token: int | None, now: float) -> None:
         gen = slot.gen

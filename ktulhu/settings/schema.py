@@ -270,6 +270,11 @@ class Settings:
         "Target length of a decode step that prefills new prompts while other replies stream.",
         group="engine",
     )
+    prefix_store_mb: int = setting(
+        "KTULHU_PREFIX_STORE_MB", 256, integer(0, 1 << 20),
+        "Host memory in MiB, per decode worker, for the KV cache of prefixes several chats or requests "
+        "shared (system prompts, repeated prompts) once no slot holds them; 0 = none kept.", group="engine",
+    )
     speculative: str = setting(
         "KTULHU_SPECULATIVE", "off", one_of("off", "ngram"),
         "Speculative decoding of greedy replies: ngram = drafts looked up in the conversation's own tokens "

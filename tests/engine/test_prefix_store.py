@@ -1,0 +1,159 @@
+"""A prefix that several chats shared outlives the slots: saved to host memory before the last slot
+holding it is reused, restored into a later request's slot, with the same greedy reply as a
+prefill; never restored into a slot whose cache a copy queued in the same step still reads. The
+store's own bookkeeping: longest match, budget, least recently used dropped first."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ktulhu.engine.model import Model
+from ktulhu.engine.prefix_store import MAX_ENTRIES, PrefixStore
+from ktulhu.engine.request import Generation
+from ktulhu.engine.sampling import SamplingParams
+from ktulhu.engine.slot_choice import MIN_COPIED_TOKENS, common_prefix
+from ktulhu.engine.worker import DecodeWorker
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+SYSTEM = ("<|im_start|>system\nYou are Ktulhu, a friendly and helpful assistant. Answer clearly and concisely, "
+          "in the language the user writes in. Prefer short paragraphs and plain words.<|im_end|>\n")
+OTHER = "<|im_start|>system\nYou are a terse pirate who answers every question in one line.<|im_end|>\n"
+
+
+def chat(model: Model, system: str, question: str) -> list[int]:
+    return model.tokenize(f"{system}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", special=True)
+
+
+def shared_length(*prompts: list[int]) -> int:
+    return min(common_prefix(prompts[0], other) for other in prompts[1:])
+
+
+# --- the store's bookkeeping -------------------------------------------------------------------------
+
+
+def test_the_longest_match_wins_then_the_most_recently_used() -> None:
+    store = PrefixStore(1000)
+    store.put([1, 2, 3], b"a", 10, now=1.0)
+    store.put([1, 2, 3, 4, 5], b"b", 10, now=2.0)
+    store.put([1, 2, 9], b"c", 10, now=3.0)
+    entry, common = store.longest([1, 2, 3, 4, 7])
+    assert (entry.data, common) == (b"b", 4)
+    entry, common = store.longest([1, 2, 8])
+    assert (entry.data, common) == (b"c", 2)  # three entries share [1, 2]: the newest
+    assert store.longest([7, 1, 2]) is None
+    assert store.covers([1, 2, 3, 4]) and store.covers([1, 2, 9]) and not store.covers([1, 2, 3, 4, 5, 6])
+
+
+def test_the_least_recently_used_entries_make_room_and_an_oversized_one_is_refused() -> None:
+    store = PrefixStore(100)
+    store.put([1], b"a", 40, now=1.0)
+    store.put([2], b"b", 40, now=2.0)
+    store.entries[0].last_used = 3.0  # [1] was restored since
+    store.put([3], b"c", 40, now=4.0)
+    assert [e.tokens for e in store.entries] == [(1,), (3,)] and store.bytes == 80
+    assert not store.fits(101) and not store.fits(0)
+    with pytest.raises(ValueError):
+        store.put([4], b"d", 101, now=5.0)
+    assert store.bytes == 80 and len(store.entries) == 2  # a refused entry changes nothing
+    store.clear()
+    assert store.entries == [] and store.bytes == 0
+
+
+@given(st.integers(1, 500), st.lists(st.tuples(st.lists(st.integers(0, 5), min_size=1, max_size=6),
+                                               st.integers(1, 600)), max_size=120))
+def test_the_budget_and_the_entry_count_always_hold(budget: int, puts: list[tuple[list[int], int]]) -> None:
+    store = PrefixStore(budget)
+    for now, (tokens, size) in enumerate(puts):
+        if store.fits(size):
+            store.put(tokens, b"", size, now=float(now))
+            assert store.entries[-1].tokens == tuple(tokens)  # the newest is always kept
+        assert store.bytes == sum(e.size for e in store.entries) <= budget
+        assert len(store.entries) <= MAX_ENTRIES
+
+
+# --- the decode worker, on the real model -----------------------------------------------------------
+
+
+async def _reply(engine, tokens: list[int], chat_id: str):
+    with engine.generate(tokens, GREEDY, chat_id=chat_id) as gen:
+        text = await gen.text()
+    return text, gen.metrics
+
+
+async def _replies(engine, requests: list[tuple[list[int], str]]) -> None:
+    async with trio.open_nursery() as nursery:
+        for tokens, chat_id in requests:
+            nursery.start_soon(_reply, engine, tokens, chat_id)
+
+
+@pytest.mark.parametrize(("store_mb", "together"), [("64", False), ("64", True), ("0", False)])
+async def test_a_shared_system_prompt_outlives_a_burst_that_takes_every_slot(
+        smol_model: Model, running_engine, store_mb: str, together: bool) -> None:
+    """`together`: alice and bob arrive at once, and each prefills the system prompt (nothing to copy
+    yet); else bob starts from a copy of alice's."""
+    alice, bob, carol = (chat(smol_model, SYSTEM, q) for q in (
+        "What is the capital of France?", "Name a large ocean.", "How many legs has a spider?"))
+    shared = shared_length(alice, bob, carol)
+    async with running_engine(smol_model, KTULHU_SLOTS="2") as fresh:  # the reference: prefilled whole
+        expected, _ = await _reply(fresh, carol, "carol")
+    async with running_engine(smol_model, KTULHU_SLOTS="2", KTULHU_PREFIX_STORE_MB=store_mb) as engine:
+        if together:
+            await _replies(engine, [(alice, "alice"), (bob, "bob")])
+        else:
+            await _reply(engine, alice, "alice")
+            await _reply(engine, bob, "bob")
+        [worker] = engine._workers
+        assert worker.prefix_copies == (0 if together else 1)
+        # two chats with another system prompt take both slots
+        await _replies(engine, [(chat(smol_model, OTHER, q), f"pirate-{i}")
+                                for i, q in enumerate(("Where is the treasure?", "What ship is that?"))])
+        text, metrics = await _reply(engine, carol, "carol")
+        [stats] = engine.stats().workers
+    assert text == expected  # restored or prefilled, the same greedy reply
+    assert metrics.own_cached_tokens == 0
+    if store_mb == "0":  # nothing kept: carol prefilled the system prompt again
+        assert metrics.cached_tokens < shared - MIN_COPIED_TOKENS
+        assert (stats.prefix_restores, stats.stored_prefixes, stats.stored_bytes) == (0, 0, 0)
+    else:
+        assert metrics.cached_tokens == shared
+        assert stats.prefix_restores == 1 and stats.stored_prefixes >= 1 and stats.stored_bytes > 0
+
+
+async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: Model) -> None:
+    """llama.cpp copies a sequence's stream at the next decode, while a restore writes at once: a
+    restore into the copy's source before that decode would hand the copy the restored cells."""
+    worker = DecodeWorker(smol_model, n_slots=3, n_ctx_seq=512, n_threads=1,
+                          trio_token=trio.lowlevel.current_trio_token(), on_slot_free=lambda: None,
+                          prefix_store_bytes=64 << 20)
+
+    async def run(*requests: tuple[list[int], str]) -> list[str]:
+        """Admitted together, in order, then stepped to the end on this thread."""
+        gens = [Generation.create(tokens, GREEDY, chat_id) for tokens, chat_id in requests]
+        for gen in gens:
+            worker.submit(gen)
+        while worker._step():
+            pass
+        worker._post_calls()
+        with trio.fail_after(60):
+            return [await gen.text() for gen in gens]
+
+    try:
+        system = [chat(smol_model, SYSTEM, q) for q in ("What is the capital of France?", "Name a large ocean.")]
+        pirate = [chat(smol_model, OTHER, q) for q in ("Where is the treasure?", "What ship is that?", "Who?")]
+        replies = [(await run((tokens, name)))[0] for tokens, name in zip(system + pirate, ("a", "b", "p0", "p1", "p2"))]
+        # the pirates took the slots of the two chats that shared the system prompt: it was saved
+        assert worker.store is not None and len(worker.store.entries) == 1
+        [source] = [s for s in worker.slots if s.cached[:len(pirate[2])] == pirate[2]]
+        target, other = (s for s in worker.slots if s is not source)
+        target.last_used, source.last_used = 0.0, 1.0  # the copy lands in `target`; then `source` is LRU
+        restores = worker.prefix_restores
+        copied, _ = await run((pirate[2], "r1"), (chat(smol_model, SYSTEM, "How many legs has a spider?"), "r2"))
+        assert target.chat_id == "r1" and source.chat_id == "r2"
+        assert worker.prefix_restores == restores  # not into the copy's source: r2 prefilled
+        assert copied == replies[4]  # r1's copy holds p2's cells, not the system prompt's
+    finally:
+        worker.stop()
+        worker.run()  # frees the context
