@@ -521,7 +521,7 @@ class DecodeWorker:
             self._call_trio(self._on_slot_free)
             return
         idle = [s for s in self.slots if s.gen is None]
-        slot = choose_slot(idle, prompt, gen.chat_id)
+        slot = choose_slot(idle, prompt, gen.chat_id, busy={s.sid for s in self.slots if s.gen is not None})
         self._start_from_longest_prefix(slot, idle, prompt)
         reuse = common_prefix(slot.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is decoded again for its logits

@@ -3,13 +3,17 @@ another slot's cached prefix pays. No model: the policy only reads cached tokens
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import attrs
 import pytest
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from ktulhu.engine.slot_choice import (COPY_MARGIN, MIN_COPIED_TOKENS, choose_slot, common_prefix, copy_source,
-                                      min_copied_tokens)
+                                      min_copied_tokens, runs)
 
 SYSTEM = list(range(100, 100 + 2 * MIN_COPIED_TOKENS))  # a system prompt long enough to be worth a copy
 
@@ -20,6 +24,7 @@ class Slot:
     cached: list[int] = attrs.field(factory=list)
     chat_id: str | None = None
     last_used: float = 0.0
+    sid: int = attrs.field(factory=itertools.count().__next__)
 
 
 def test_common_prefix() -> None:
@@ -92,3 +97,35 @@ def test_the_copy_comes_from_the_longest_prefix_never_from_the_target_or_an_empt
     # the target's own cache is never its donor, however long
     target.cached = list(prompt)
     assert copy_source(target, [target], prompt) is None
+
+
+def test_runs_count_the_decode_passes_of_a_step() -> None:
+    assert runs(set()) == 0
+    assert runs({3}) == runs({3, 4, 5, 6}) == 1
+    assert runs({1, 3, 4, 6}) == 3
+
+
+def test_a_new_chat_takes_a_slot_next_to_the_generating_ones() -> None:
+    """Each slot is a KV stream, and llama.cpp decodes consecutive streams in one pass."""
+    slots = [Slot(f"s{i}", sid=i) for i in range(8)]
+    assert choose_slot(slots[:2] + slots[3:], [1, 2], None, busy={2}) is slots[1]  # empty: the nearest
+    assert choose_slot(slots[:2] + slots[3:], [1, 2], None) is slots[0]  # nothing generating: the first
+    for i, slot in enumerate(slots):  # now all hold other chats, slot 7 the oldest
+        slot.cached, slot.chat_id, slot.last_used = [50 + i], f"c{i}", 10.0 - i
+    idle = [s for s in slots if s.sid not in {3, 4}]
+    assert choose_slot(idle, [1, 2], None, busy={3, 4}) is slots[5]  # evicted: beside 3-4, older than 2
+    assert choose_slot(idle, [1, 2], None) is slots[7]  # nothing generating: the least recently used
+    # a chat's own cache still comes first, wherever it is
+    assert choose_slot(idle, [57, 1], "c7", busy={3, 4}) is slots[7]
+
+
+@given(st.sets(st.integers(0, 11), max_size=11), st.lists(st.floats(0, 100), min_size=12, max_size=12),
+       st.lists(st.booleans(), min_size=12, max_size=12))
+def test_the_choice_never_costs_a_decode_pass_another_slot_of_its_kind_would_save(
+        busy: set[int], ages: list[float], holds: list[bool]) -> None:
+    slots = [Slot(f"s{i}", [90 + i] if holds[i] else [], f"c{i}", ages[i], sid=i) for i in range(12)]
+    idle = [s for s in slots if s.sid not in busy]
+    chosen = choose_slot(idle, [1, 2], "new", busy=busy)
+    same_kind = [s for s in idle if bool(s.cached) == bool(chosen.cached)]
+    assert not chosen.cached or not any(not s.cached for s in idle)  # an empty slot before an eviction
+    assert runs(busy | {chosen.sid}) == min(runs(busy | {s.sid}) for s in same_kind)
