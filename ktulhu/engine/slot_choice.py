@@ -90,7 +90,7 @@ def choose_slot(idle: Sequence[S], prompt: Sequence[int], chat_id: str | None,
 
 
 def min_copied_tokens(copy_s: float, prefill_token_s: float) -> int:
-    """Prefill tokens a copy must save to pay: its cost (`copy_s`, one slot's KV copied) over one
+    """Prefill tokens a copy must save to pay: its cost (`copy_s`, as the worker makes it) over one
     prompt token's, with `COPY_MARGIN`, and never under `MIN_COPIED_TOKENS`."""
     return max(MIN_COPIED_TOKENS, math.ceil(COPY_MARGIN * copy_s / max(prefill_token_s, 1e-9)))
 

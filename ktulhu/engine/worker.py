@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import math
 import os
 import threading
 import time
@@ -163,6 +164,8 @@ class DecodeWorker:
         `prefix_store_bytes`: host memory for shared prefixes no slot holds (0: none kept)."""
         self.model = model
         self.store = PrefixStore(prefix_store_bytes) if prefix_store_bytes > 0 else None
+        #: Host memory a copy between slots goes through (`_transfer`), grown as needed.
+        self._scratch = (ctypes.c_uint8 * 0)()
         self.arrivals = arrivals if arrivals is not None else Arrivals()
         self.gather_max_s = gather_max_s
         #: Told of every step (`EngineEvents.step`, on this thread: cheap and thread-safe).
@@ -201,11 +204,12 @@ class DecodeWorker:
         self._piece = ctypes.create_string_buffer(256)
         #: Calls for trio made during a step (tokens, endings, freed slots), handed over after it.
         self._outbox: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        #: Seconds a copy of a sequence's cells (`_transfer`) takes per cell: timed by the calibration.
+        self.cell_copy_s = 0.0
         #: Sizes each step's prefill: timed once here, so the first real step is sized right, then fed every step.
         self.costs = StepCost.calibrate(self._time_calibration_step, n_batch=n_batch, step_target_s=step_target_s)
-        #: Prefill a copy of another slot's prefix must save (`_copy`): the copy's cost,
-        #: timed once, over a prompt token's.
-        self.min_copied = min_copied_tokens(self._time_copy() if n_slots > 1 else 0.0, self.costs.prefill_token_s)
+        #: Seconds a copy of a slot's whole KV stream adds to the next step (`_copy`), timed once.
+        self.stream_copy_s = self._time_copy() if n_slots > 1 else 0.0
         # llama.cpp polls this between graph nodes of long (prefill) steps: a cancel stops the step
         self._watched: list[_Slot] = []
         self._abort_callback = llama_cpp.ggml_abort_callback(self._cancel_pending)
@@ -225,12 +229,17 @@ class DecodeWorker:
         self._donors: set[int] = set()
 
     def _time_calibration_step(self, n_tokens: int) -> float:
-        """Seconds one step of `n_tokens` arbitrary tokens takes on slot 0 (left empty again)."""
+        """Seconds one step of `n_tokens` arbitrary tokens takes on slot 0 (left empty again). A
+        step of several tokens also times their copy into slot 1 (`cell_copy_s`)."""
         self._fill_batch(n_tokens)
         started = time.perf_counter()
         if llama_cpp.llama_decode(self.ctx, self.batch) != 0:
             raise EngineError("the model failed to decode its calibration batch")
         elapsed = time.perf_counter() - started
+        if n_tokens > 1 and self.n_slots > 1:
+            copied = time.perf_counter()
+            self.cell_copy_s = (time.perf_counter() - copied) / n_tokens if self._transfer(0, 1) else math.inf
+            llama_cpp.llama_memory_seq_rm(self.mem, 1, -1, -1)
         llama_cpp.llama_memory_seq_rm(self.mem, 0, -1, -1)
         return elapsed
 
@@ -549,7 +558,9 @@ class DecodeWorker:
         prompt, a regenerated reply), or a saved one (`store`). A shared prefix the slot gives up is
         saved first (`_save_shared`)."""
         kept = common_prefix(slot.cached, prompt)
-        source = copy_source(slot, idle, prompt, self.min_copied)
+        longest = max(len(other.cached) for other in idle)
+        source = copy_source(slot, idle, prompt, min_copied_tokens(self._copy_cost(slot, longest),
+                                                                   self.costs.prefill_token_s))
         stored = self.store.longest(prompt) if self.store else None
         if (stored is not None and slot.sid not in self._donors
                 and stored[1] >= max(kept, source[1] if source else 0) + MIN_COPIED_TOKENS):
@@ -561,14 +572,23 @@ class DecodeWorker:
         else:
             self._save_shared(slot, kept)
 
+    def _copy_cost(self, slot: _Slot, cells: int) -> float:
+        """Seconds a copy of a cache of `cells` cells into `slot` costs, the cheaper way (`_copy`)."""
+        if slot.sid in self._donors:
+            return self.stream_copy_s
+        return min(self.stream_copy_s, cells * self.cell_copy_s)
+
     def _copy(self, slot: _Slot, donor: _Slot, length: int) -> None:
         """Start `slot` from the first `length` tokens of `donor`'s cache; the donor keeps its own.
 
-        Each sequence has its own KV stream, which llama.cpp copies whole (at the next decode, before
-        that decode writes anything); the copy is then cut to the shared prefix."""
+        Each sequence has its own KV stream. A short cache is copied cell by cell (`_transfer`: its
+        bytes, at once); a long one (or into a slot that a queued stream copy still reads) stream
+        and all by llama.cpp, at the next decode before that decode writes anything, which costs
+        the same whatever the cache holds. Either copy is then cut to the shared prefix."""
         llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
-        llama_cpp.llama_memory_seq_cp(self.mem, donor.sid, slot.sid, -1, -1)
-        self._donors.add(donor.sid)
+        if self._copy_cost(slot, len(donor.cached)) >= self.stream_copy_s or not self._transfer(donor.sid, slot.sid):
+            llama_cpp.llama_memory_seq_cp(self.mem, donor.sid, slot.sid, -1, -1)
+            self._donors.add(donor.sid)
         if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, length, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
             slot.cached = []
@@ -613,11 +633,30 @@ class DecodeWorker:
             if llama_cpp.llama_state_seq_get_data(self.ctx, data, size, slot.sid) == size:
                 self.store.put(prefix, data, size, time.perf_counter())
 
+    def _transfer(self, source: int, target: int) -> bool:
+        """Copy sequence `source`'s cells into sequence `target` in place of its own (llama.cpp's
+        per-sequence state, through host memory: bytes in proportion to the cells); False when
+        llama.cpp refuses (`target` is then empty)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, source)
+        if len(self._scratch) < size:
+            self._scratch = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx, self._scratch, size, source) != size:
+            llama_cpp.llama_memory_seq_rm(self.mem, target, -1, -1)
+            return False
+        return self._set_state(target, self._scratch, size)
+
+    def _set_state(self, target: int, data: ctypes.Array[ctypes.c_uint8], size: int) -> bool:
+        """Put saved cells into sequence `target` in place of its own; False, and `target` empty,
+        when llama.cpp refuses them."""
+        if llama_cpp.llama_state_seq_set_data(self.ctx, data, size, target) == size:
+            return True
+        llama_cpp.llama_memory_seq_rm(self.mem, target, -1, -1)
+        return False
+
     def _restore(self, slot: _Slot, entry: StoredPrefix) -> None:
         """Put a saved prefix's cells into `slot` in place of what it held."""
         slot.chat_id = None
-        if llama_cpp.llama_state_seq_set_data(self.ctx, entry.data, entry.size, slot.sid) != entry.size:
-            llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
+        if not self._set_state(slot.sid, entry.data, entry.size):
             slot.cached = []
             return
         slot.cached = list(entry.tokens)

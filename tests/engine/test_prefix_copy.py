@@ -1,6 +1,11 @@
-"""A prompt that lands on another slot starts from a copy of the longest cached prefix."""
+"""A prompt that lands on another slot starts from a copy of the longest cached prefix: cell by cell
+(a short cache) or the whole stream (a long one), the same either way."""
 
 from __future__ import annotations
+
+import math
+
+import pytest
 
 from ktulhu.engine.model import Model
 from ktulhu.engine.sampling import SamplingParams
@@ -15,7 +20,9 @@ def chat(model: Model, question: str) -> list[int]:
     return model.tokenize(f"{SYSTEM}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", special=True)
 
 
-async def test_a_shared_system_prompt_is_copied_not_prefilled(smol_model: Model, running_engine) -> None:
+@pytest.mark.parametrize("whole_stream", [False, True])
+async def test_a_shared_system_prompt_is_copied_not_prefilled(smol_model: Model, running_engine,
+                                                             whole_stream: bool) -> None:
     first, second = chat(smol_model, "What is the capital of France?"), chat(smol_model, "Name a large ocean.")
     shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     assert shared >= MIN_COPIED_TOKENS
@@ -26,12 +33,15 @@ async def test_a_shared_system_prompt_is_copied_not_prefilled(smol_model: Model,
         return text, gen.metrics
 
     async with running_engine(smol_model, KTULHU_SLOTS="2") as engine:
+        [worker] = engine._workers
+        assert 0 < worker.cell_copy_s * len(first) < worker.stream_copy_s  # a short cache goes cell by cell
+        if whole_stream:
+            worker.cell_copy_s = math.inf
         await run(engine, first, "alice")
         async with running_engine(smol_model, KTULHU_SLOTS="2") as fresh:  # the reference: prefilled whole
             expected, cold = await run(fresh, second, "bob")
         # bob's prompt goes to the empty slot, which starts from alice's system prompt
         text, warm = await run(engine, second, "bob")
-        [worker] = engine._workers
         assert worker.prefix_copies == 1
         assert warm.cached_tokens == shared and warm.own_cached_tokens == 0  # alice's prefix is not bob's own
         assert cold.cached_tokens == 0

@@ -5,6 +5,8 @@ store's own bookkeeping: longest match, budget, least recently used dropped firs
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 from hypothesis import given
@@ -123,8 +125,9 @@ async def test_a_shared_system_prompt_outlives_a_burst_that_takes_every_slot(
 
 
 async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: Model) -> None:
-    """llama.cpp copies a sequence's stream at the next decode, while a restore writes at once: a
-    restore into the copy's source before that decode would hand the copy the restored cells."""
+    """llama.cpp copies a sequence's whole stream at the next decode, while a restore writes at
+    once: a restore into the copy's source before that decode would hand the copy the restored
+    cells."""
     worker = DecodeWorker(smol_model, n_slots=3, n_ctx_seq=512, n_threads=1,
                           trio_token=trio.lowlevel.current_trio_token(), on_slot_free=lambda: None,
                           prefix_store_bytes=64 << 20)
@@ -149,6 +152,7 @@ async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: 
         [source] = [s for s in worker.slots if s.cached[:len(pirate[2])] == pirate[2]]
         target, other = (s for s in worker.slots if s is not source)
         target.last_used, source.last_used = 0.0, 1.0  # the copy lands in `target`; then `source` is LRU
+        worker.cell_copy_s = math.inf  # copies go stream by stream, queued for the next decode
         restores = worker.prefix_restores
         copied, _ = await run((pirate[2], "r1"), (chat(smol_model, SYSTEM, "How many legs has a spider?"), "r2"))
         assert target.chat_id == "r1" and source.chat_id == "r2"
