@@ -224,8 +224,8 @@ class DecodeWorker:
         #: Admissions that started from another slot's copied prefix (`_copy`), or a saved one (`_restore`).
         self.prefix_copies = 0
         self.prefix_restores = 0
-        #: Slots whose stream a copy queued since the last decode reads (llama.cpp copies at the
-        #: next decode): nothing may be restored into them before it.
+        #: Slots whose stream a stream copy queued since the last decode reads (llama.cpp copies at
+        #: the next decode): nothing may be written into them before it (a restore, a cell copy).
         self._donors: set[int] = set()
 
     def _time_calibration_step(self, n_tokens: int) -> float:
