@@ -80,6 +80,7 @@ def choose_slot(idle: Sequence[S], prompt: Sequence[int], chat_id: str | None,
             affine.append((common, slot.last_used, slot))
     if affine:
         return max(affine, key=lambda entry: entry[:2])[2]
+
     def passes(slot: S) -> int:
         return runs(busy | {slot.sid})
 
