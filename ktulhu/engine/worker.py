@@ -221,8 +221,9 @@ class DecodeWorker:
         self._generated = 0
         self._drafted = 0
         self._accepted = 0
-        #: Admissions that started from another slot's copied prefix (`_copy`), or a saved one (`_restore`).
+        #: Admissions that started from another slot's copied prefix (`_copy`).
         self.prefix_copies = 0
+        #: Admissions that started from a saved prefix (`_restore`).
         self.prefix_restores = 0
         #: Slots whose stream a stream copy queued since the last decode reads (llama.cpp copies at
         #: the next decode): nothing may be written into them before it (a restore, a cell copy).
