@@ -269,14 +269,14 @@ class RuntimeCollector(Collector):
                 ("ktulhu_engine_busy_slots", "Slots generating now.", stats.busy_slots),
                 ("ktulhu_engine_slots", "Slots in all decode workers.", sum(w.slots for w in stats.workers)),
                 ("ktulhu_engine_kv_usage_ratio", "Share of KV cache cells in use.", stats.kv_usage),
-                ("ktulhu_engine_prefix_store_bytes", "Host memory holding the KV of shared prefixes no slot holds.",
+                ("ktulhu_engine_prefix_store_bytes", "Host memory holding the KV caches slots gave up to other conversations.",
                  stats.stored_bytes),
             ):
                 gauge = GaugeMetricFamily(name, doc)
                 gauge.add_metric([], value)
                 yield gauge
             restores = CounterMetricFamily("ktulhu_engine_prefix_restores",
-                                           "Prompts that started from a shared prefix restored from host memory.")
+                                           "Prompts that started from a cache restored from host memory.")
             restores.add_metric([], stats.prefix_restores)
             yield restores
             yield from _worker_families(remote_workers(stats))

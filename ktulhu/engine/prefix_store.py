@@ -1,15 +1,18 @@
-"""Host-memory copies of the KV cache of prefixes that several requests shared, kept for when no slot
-holds them any more.
+"""Host-memory copies of the KV caches that slots gave up, for the requests that come back to them.
 
-A shared prefix (a system prompt that chats or API requests start with, a prompt sent again) lives in
-the slots' KV caches only while some slot holds it: when a burst of other requests takes every slot,
-the next requests that start with it would prefill it again. So before the last slot holding a
-prefix known to be shared gives it up, the decode worker saves that prefix's cells (llama.cpp's
-per-sequence state, only the cells the sequence holds, not its whole stream) here, and a later
-request restores it into its slot: a copy of bytes, about a millisecond for 200 tokens of a small
-model on a CPU, instead of a prefill of hundreds of milliseconds. Entries are dropped least recently
-used first to stay within a byte budget and `MAX_ENTRIES` (each admission compares its prompt with
-every entry).
+A decode worker has a few slots and serves more conversations than that: when a request takes a
+slot that held another conversation (or another API prompt), the cache of that conversation is gone,
+and its next turn would prefill its whole history again; a burst of other chats taking every slot
+would cost the next requests their shared system prompt. So before a slot is given to another
+conversation, the decode worker saves the cells it would lose (llama.cpp's per-sequence state: only
+the cells the sequence holds, not its whole stream) here, and a later request whose prompt starts
+with them restores them into its slot: a copy of bytes, about a millisecond for 200 tokens of a
+small model on a CPU, instead of a prefill of hundreds of milliseconds. A request that shares only a
+prefix with an entry (another chat with the same system prompt) restores it and keeps that prefix.
+
+Entries that a newer one extends (an earlier turn of the same chat) are dropped; then the least
+recently used ones, to stay within a byte budget and `MAX_ENTRIES` (each admission compares its
+prompt with every entry, vectorised).
 
 Only the decode thread uses a store: it is not locked.
 """
@@ -19,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-
-from .slot_choice import common_prefix
+import numpy as np
 
 __all__ = ["MAX_ENTRIES", "PrefixStore", "StoredPrefix"]
 
@@ -28,18 +30,36 @@ __all__ = ["MAX_ENTRIES", "PrefixStore", "StoredPrefix"]
 MAX_ENTRIES = 64
 
 
+def _tokens(tokens: Sequence[int]) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int64)
+
+
+def _common(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 @attrs.define(eq=False)
 class StoredPrefix:
     #: The tokens whose KV `data` holds, from position 0.
     tokens: tuple[int, ...]
-    #: llama.cpp's saved sequence state (a ctypes byte array: restored without another copy).
+    #: llama.cpp's saved sequence state (bytes in a numpy array: restored without another copy).
     data: object = attrs.field(repr=False)
     size: int
     last_used: float
+    #: The chat whose cache it was (None: a request without a chat): a restore into a request of
+    #: that chat is its own reuse, one into another chat's request only shares a prefix.
+    chat_id: str | None = None
+    array: np.ndarray = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.array = _tokens(self.tokens)
 
 
 class PrefixStore:
-    """Saved prefixes within `budget_bytes` and `MAX_ENTRIES`, least recently used dropped first."""
+    """Saved caches within `budget_bytes` and `MAX_ENTRIES`, least recently used dropped first."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
@@ -47,32 +67,37 @@ class PrefixStore:
         self.bytes = 0
 
     def longest(self, prompt: Sequence[int]) -> tuple[StoredPrefix, int] | None:
-        """The entry sharing the longest prefix with `prompt` (the most recently used on a tie), and
-        that length; None when none shares a token."""
-        best: tuple[StoredPrefix, int] | None = None
+        """The entry sharing the longest prefix with `prompt`, and that length; on a tie the smallest
+        (the cheapest to restore), then the most recently used. None when none shares a token."""
+        wanted = _tokens(prompt)
+        best: tuple[int, int, float, StoredPrefix] | None = None
         for entry in self.entries:
-            common = common_prefix(entry.tokens, prompt)
-            if common and (best is None or (common, entry.last_used) > (best[1], best[0].last_used)):
-                best = (entry, common)
-        return best
+            candidate = (_common(entry.array, wanted), -entry.size, entry.last_used, entry)
+            if candidate[0] and (best is None or candidate[:3] > best[:3]):
+                best = candidate
+        return None if best is None else (best[3], best[0])
 
-    def covers(self, prefix: Sequence[int]) -> bool:
-        """Whether an entry starts with all of `prefix` (restoring it and cutting gives `prefix`)."""
-        return any(common_prefix(entry.tokens, prefix) == len(prefix) for entry in self.entries)
+    def covers(self, tokens: Sequence[int]) -> bool:
+        """Whether an entry starts with all of `tokens` (restoring it and cutting gives them)."""
+        wanted = _tokens(tokens)
+        return any(_common(entry.array, wanted) == len(wanted) for entry in self.entries)
 
     def fits(self, size: int) -> bool:
         return 0 < size <= self.budget_bytes
 
-    def put(self, tokens: Sequence[int], data: object, size: int, now: float) -> None:
-        """Keep `data` (`size` bytes, which `fits`) for `tokens`, dropping the least recently used
-        entries it does not leave room for."""
+    def put(self, tokens: Sequence[int], data: object, size: int, now: float, chat_id: str | None = None) -> None:
+        """Keep `data` (`size` bytes, which `fits`) for `tokens`, dropping the entries it extends, then
+        the least recently used ones it does not leave room for."""
         if not self.fits(size):
-            raise ValueError(f"a saved prefix of {size} bytes does not fit a budget of {self.budget_bytes}")
-        self.entries.sort(key=lambda entry: entry.last_used)
-        while self.bytes + size > self.budget_bytes or len(self.entries) >= MAX_ENTRIES:
-            self.bytes -= self.entries.pop(0).size
-        self.entries.append(StoredPrefix(tuple(tokens), data, size, now))
-        self.bytes += size
+            raise ValueError(f"a saved cache of {size} bytes does not fit a budget of {self.budget_bytes}")
+        entry = StoredPrefix(tuple(tokens), data, size, now, chat_id)
+        kept = [e for e in self.entries if _common(e.array, entry.array) < len(e.array)]
+        kept.sort(key=lambda e: e.last_used)
+        held = sum(e.size for e in kept)
+        while kept and (held + size > self.budget_bytes or len(kept) >= MAX_ENTRIES):
+            held -= kept.pop(0).size
+        self.entries = [*kept, entry]
+        self.bytes = held + size
 
     def clear(self) -> None:
         self.entries.clear()

@@ -12,10 +12,10 @@ and redone without it. Finished sequences keep their KV cache, and the slot-reus
 (`slot_choice`) decides where a new request goes: the slot whose cache shares a prefix with its
 prompt (a follow-up turn of the same chat), which then prefills only the new tokens; on another slot
 it starts from a copy of the longest cached prefix (a system prompt shared across chats, a repeated
-API prompt) when that saves enough prefill. A prefix that requests of different chats shared is saved
-to host memory (`prefix_store`) before the last slot holding it is reused, and restored from there
-into a later request's slot: a burst that takes every slot does not cost the next requests their
-shared system prompt.
+API prompt) when that saves enough prefill. Before a slot is given to another conversation, the cache
+it loses is saved to host memory (`prefix_store`) and restored from there into the slot of a later
+request that starts with it: a chat whose slot was taken by others does not prefill its history
+again, and a burst that takes every slot does not cost the next requests their system prompt.
 
 An idle worker that gets a prompt while other requests are still on their way (`arrivals`: being
 authenticated, routed, built on the trio thread) waits briefly for them before its first step, so a
@@ -54,7 +54,7 @@ from .output import OutputFilter
 from .prefix_store import PrefixStore, StoredPrefix
 from .request import EngineClosed, EngineError, EngineEvents, Finished, Generation, GrammarDeadEnd, TokenLogprob
 from .sampling import TokenSampler, token_logprobs
-from .slot_choice import MIN_COPIED_TOKENS, choose_slot, common_prefix, copy_source, min_copied_tokens
+from .slot_choice import choose_slot, common_prefix, copy_source, min_copied_tokens
 from .step_cost import MIN_PREFILL_CHUNK, StepCost
 
 __all__ = ["GATHER_MAX_S", "DecodeWorker", "WorkerStats", "physical_cores"]
@@ -65,8 +65,8 @@ LLAMA_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback s
 #: The longest an idle worker waits for requests on their way before its first step (`_gather`): a
 #: burst of 8 reaches the engine over 5-25 ms on a 2-core CPU (the per-request work before it).
 GATHER_MAX_S = 0.05
-#: Shortest shared prefix saved to the store: a shorter one saves less than a step of prefill, and
-#: two unrelated prompts often share a few tokens of template ("<|im_start|>system\nYou are").
+#: Fewest tokens of a cache worth saving to the store when its slot goes to another conversation:
+#: fewer save less than a step of prefill.
 MIN_SAVED_TOKENS = 16
 
 
@@ -86,8 +86,6 @@ class _Slot:
     sid: int
     #: Tokens whose KV is in this sequence, in order (the prefix-reuse key).
     cached: list[int] = attrs.field(factory=list)
-    #: How much of `cached` requests of other chats started from (saved before it is lost).
-    shared: int = 0
     chat_id: str | None = None
     last_used: float = 0.0
     gen: Generation | None = None
@@ -126,7 +124,7 @@ class WorkerStats:
     #: Draft tokens verified (speculative decoding), and those accepted.
     draft_tokens: int
     accepted_tokens: int
-    #: Shared prefixes saved in host memory (`prefix_store`), their bytes, and restores from them.
+    #: Caches saved in host memory (`prefix_store`), their bytes, and restores from them.
     stored_prefixes: int
     stored_bytes: int
     prefix_restores: int
@@ -161,11 +159,11 @@ class DecodeWorker:
         """`draft_tokens`: longest draft a plain greedy sequence verifies per step (0 = no speculative
         decoding), looked up by n-grams of `draft_ngram` tokens down to 2. `arrivals`: requests on
         their way, waited for up to `gather_max_s` by an idle worker (none: never waits).
-        `prefix_store_bytes`: host memory for shared prefixes no slot holds (0: none kept)."""
+        `prefix_store_bytes`: host memory for the caches slots give up (0: none kept)."""
         self.model = model
         self.store = PrefixStore(prefix_store_bytes) if prefix_store_bytes > 0 else None
         #: Host memory a copy between slots goes through (`_transfer`), grown as needed.
-        self._scratch = (ctypes.c_uint8 * 0)()
+        self._scratch = np.empty(0, np.uint8)
         self.arrivals = arrivals if arrivals is not None else Arrivals()
         self.gather_max_s = gather_max_s
         #: Told of every step (`EngineEvents.step`, on this thread: cheap and thread-safe).
@@ -223,7 +221,7 @@ class DecodeWorker:
         self._accepted = 0
         #: Admissions that started from another slot's copied prefix (`_copy`).
         self.prefix_copies = 0
-        #: Admissions that started from a saved prefix (`_restore`).
+        #: Admissions that started from a saved cache (`_restore`).
         self.prefix_restores = 0
         #: Slots whose stream a stream copy queued since the last decode reads (llama.cpp copies at
         #: the next decode): nothing may be written into them before it (a restore, a cell copy).
@@ -532,7 +530,7 @@ class DecodeWorker:
             return
         idle = [s for s in self.slots if s.gen is None]
         slot = choose_slot(idle, prompt, gen.chat_id, busy={s.sid for s in self.slots if s.gen is not None})
-        self._start_from_longest_prefix(slot, idle, prompt)
+        self._start_from_longest_prefix(slot, idle, prompt, gen.chat_id)
         reuse = common_prefix(slot.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is decoded again for its logits
         if reuse < len(slot.cached):
@@ -541,7 +539,6 @@ class DecodeWorker:
                 reuse = 0
             del slot.cached[reuse:]
         own = gen.chat_id is not None and slot.chat_id == gen.chat_id
-        self._mark_shared(slot, gen, min(slot.shared, reuse) if own else reuse)
         slot.drafter = Drafter.create(prompt, self.draft_ngram) if self.draft_tokens and can_draft(gen.params) else None
         slot.chain = chain
         slot.gen = gen
@@ -553,25 +550,24 @@ class DecodeWorker:
         gen.metrics.cached_tokens = reuse
         gen.metrics.own_cached_tokens = reuse if own else 0
 
-    def _start_from_longest_prefix(self, slot: _Slot, idle: list[_Slot], prompt: list[int]) -> None:
+    def _start_from_longest_prefix(self, slot: _Slot, idle: list[_Slot], prompt: list[int],
+                                   chat_id: str | None) -> None:
         """Give `slot` the longest cached prefix of `prompt` where that saves enough prefill: its
         own, another idle slot's (`copy_source`: a system prompt shared across chats, a repeated API
-        prompt, a regenerated reply), or a saved one (`store`). A shared prefix the slot gives up is
-        saved first (`_save_shared`)."""
+        prompt, a regenerated reply), or a saved one (`_worth_restoring`: a conversation whose slot
+        others took). What the slot held for another conversation is saved first (`_save_evicted`)."""
         kept = common_prefix(slot.cached, prompt)
+        own = kept == len(slot.cached) or (chat_id is not None and slot.chat_id == chat_id)
         longest = max(len(other.cached) for other in idle)
         source = copy_source(slot, idle, prompt, min_copied_tokens(self._copy_cost(slot, longest),
                                                                    self.costs.prefill_token_s))
-        stored = self.store.longest(prompt) if self.store else None
-        if (stored is not None and slot.sid not in self._donors
-                and stored[1] >= max(kept, source[1] if source else 0) + MIN_COPIED_TOKENS):
-            self._save_shared(slot, 0)
-            self._restore(slot, stored[0])
+        stored = self._worth_restoring(slot, prompt, max(kept, source[1] if source else 0))
+        if not own:
+            self._save_evicted(slot, 0 if stored or source else kept)
+        if stored is not None:
+            self._restore(slot, stored)
         elif source is not None:
-            self._save_shared(slot, 0)
             self._copy(slot, *source)
-        else:
-            self._save_shared(slot, kept)
 
     def _copy_cost(self, slot: _Slot, cells: int) -> float:
         """Seconds a copy of a cache of `cells` cells into `slot` costs, the cheaper way (`_copy`)."""
@@ -598,41 +594,31 @@ class DecodeWorker:
         slot.chat_id = donor.chat_id  # whose prefix it now holds (what counts as a chat's own reuse)
         self.prefix_copies += 1
 
-    def _mark_shared(self, slot: _Slot, gen: Generation, taken: int) -> None:
-        """Record the prefix of `gen`'s prompt that requests of other chats also start with, on its
-        slot and on theirs (what `_save_shared` keeps): `taken`, what it started from that another
-        chat left (0 for its own cache), or more when another chat's cache or prompt shares more (a
-        burst admitted together, each prefilling the same system prompt)."""
-        shared = taken
-        for other in self.slots:
-            if other is slot or (gen.chat_id is not None and other.chat_id == gen.chat_id):
-                continue
-            common = common_prefix(other.gen.tokens if other.gen is not None else other.cached, gen.tokens)
-            if common >= MIN_SAVED_TOKENS:
-                other.shared = max(other.shared, common)
-                shared = max(shared, common)
-        slot.shared = shared
+    def _worth_restoring(self, slot: _Slot, prompt: list[int], have: int) -> StoredPrefix | None:
+        """The saved cache sharing the longest prefix with `prompt`, where that is longer than `have`
+        (what `slot` keeps or copies) by enough to pay for its restore (its cells, `cell_copy_s`
+        each at most); None too for a slot that a queued stream copy reads (a restore writes at once)."""
+        found = self.store.longest(prompt) if self.store is not None and slot.sid not in self._donors else None
+        if found is None or math.isinf(self.cell_copy_s):
+            return None
+        entry, common = found
+        cost = len(entry.tokens) * self.cell_copy_s
+        return entry if common - have >= min_copied_tokens(cost, self.costs.prefill_token_s) else None
 
-    def _save_shared(self, slot: _Slot, keep: int) -> None:
-        """Before `slot` keeps only its first `keep` tokens, save the prefix of it that requests of
-        other chats started from (`_Slot.shared`) to the store, unless another slot or an entry holds
-        it: the last copy of a system prompt that a burst of other requests is taking every slot from.
-        Only the prefix's cells are saved (the slot is cut to it first)."""
-        shared = min(slot.shared, len(slot.cached))
-        if self.store is None or shared <= keep or shared < MIN_SAVED_TOKENS:
+    def _save_evicted(self, slot: _Slot, keep: int) -> None:
+        """Before `slot` keeps only its first `keep` tokens for another conversation, save its cache
+        to the store when that loses at least `MIN_SAVED_TOKENS`, unless an entry or another slot
+        holds all of it."""
+        cached = slot.cached
+        if self.store is None or len(cached) - keep < MIN_SAVED_TOKENS or self.store.covers(cached):
             return
-        prefix = slot.cached[:shared]
-        if self.store.covers(prefix) or any(
-                other is not slot and common_prefix(other.cached, prefix) == shared for other in self.slots):
+        if any(other is not slot and other.cached[:len(cached)] == cached for other in self.slots):
             return
-        if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, shared, -1):
-            return  # a recurrent state cannot be cut to a prefix
-        del slot.cached[shared:]
         size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.sid)
         if self.store.fits(size):
-            data = (ctypes.c_uint8 * size)()
-            if llama_cpp.llama_state_seq_get_data(self.ctx, data, size, slot.sid) == size:
-                self.store.put(prefix, data, size, time.perf_counter())
+            data = np.empty(size, np.uint8)  # not zeroed: llama.cpp writes all of it
+            if self._get_state(slot.sid, data, size):
+                self.store.put(cached, data, size, time.perf_counter(), slot.chat_id)
 
     def _transfer(self, source: int, target: int) -> bool:
         """Copy sequence `source`'s cells into sequence `target` in place of its own (llama.cpp's
@@ -640,23 +626,27 @@ class DecodeWorker:
         llama.cpp refuses (`target` is then empty)."""
         size = llama_cpp.llama_state_seq_get_size(self.ctx, source)
         if len(self._scratch) < size:
-            self._scratch = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(self.ctx, self._scratch, size, source) != size:
+            self._scratch = np.empty(size, np.uint8)
+        if not self._get_state(source, self._scratch, size):
             llama_cpp.llama_memory_seq_rm(self.mem, target, -1, -1)
             return False
         return self._set_state(target, self._scratch, size)
 
-    def _set_state(self, target: int, data: ctypes.Array[ctypes.c_uint8], size: int) -> bool:
+    def _get_state(self, source: int, into: np.ndarray, size: int) -> bool:
+        """Write sequence `source`'s cells (`size` bytes, llama.cpp's per-sequence state) into `into`."""
+        return llama_cpp.llama_state_seq_get_data(self.ctx, _pointer(into), size, source) == size
+
+    def _set_state(self, target: int, data: np.ndarray, size: int) -> bool:
         """Put saved cells into sequence `target` in place of its own; False, and `target` empty,
         when llama.cpp refuses them."""
-        if llama_cpp.llama_state_seq_set_data(self.ctx, data, size, target) == size:
+        if llama_cpp.llama_state_seq_set_data(self.ctx, _pointer(data), size, target) == size:
             return True
         llama_cpp.llama_memory_seq_rm(self.mem, target, -1, -1)
         return False
 
     def _restore(self, slot: _Slot, entry: StoredPrefix) -> None:
-        """Put a saved prefix's cells into `slot` in place of what it held."""
-        slot.chat_id = None
+        """Put a saved cache's cells into `slot` in place of what it held."""
+        slot.chat_id = entry.chat_id
         if not self._set_state(slot.sid, entry.data, entry.size):
             slot.cached = []
             return
@@ -756,6 +746,12 @@ class DecodeWorker:
             self._trio_token.run_sync_soon(_run_calls, calls)
         except trio.RunFinishedError:
             pass
+
+
+def _pointer(data: np.ndarray) -> ctypes._Pointer[ctypes.c_uint8]:
+    """Where `data`'s bytes start, as llama.cpp's state functions take it (no copy: numpy allocates
+    without zeroing, where a ctypes array of a few MiB costs milliseconds to create)."""
+    return data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
 def _run_calls(calls: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:

@@ -272,8 +272,8 @@ class Settings:
     )
     prefix_store_mb: int = setting(
         "KTULHU_PREFIX_STORE_MB", 256, integer(0, 1 << 20),
-        "Host memory in MiB, per decode worker, for the KV cache of prefixes several chats or requests "
-        "shared (system prompts, repeated prompts) once no slot holds them; 0 = none kept.", group="engine",
+        "Host memory in MiB, per decode worker, for the KV caches slots give up to other conversations "
+        "(restored when a chat comes back or a prompt starts the same way); 0 = none kept.", group="engine",
     )
     speculative: str = setting(
         "KTULHU_SPECULATIVE", "off", one_of("off", "ngram"),

@@ -1,7 +1,9 @@
-"""A prefix that several chats shared outlives the slots: saved to host memory before the last slot
-holding it is reused, restored into a later request's slot, with the same greedy reply as a
-prefill; never restored into a slot whose cache a copy queued in the same step still reads. The
-store's own bookkeeping: longest match, budget, least recently used dropped first."""
+"""What a slot gives up to another conversation outlives it: saved to host memory, restored into a
+later request's slot (the chat's next turn, or another chat with the same system prompt), with the
+same greedy reply as a prefill; a chat's own regenerated reply is not saved; never restored into a
+slot whose cache a copy queued in the same step still reads. The store's own bookkeeping: longest
+match (the cheapest on a tie), entries a newer one extends dropped, budget, least recently used
+dropped first."""
 
 from __future__ import annotations
 
@@ -44,9 +46,20 @@ def test_the_longest_match_wins_then_the_most_recently_used() -> None:
     entry, common = store.longest([1, 2, 3, 4, 7])
     assert (entry.data, common) == (b"b", 4)
     entry, common = store.longest([1, 2, 8])
-    assert (entry.data, common) == (b"c", 2)  # three entries share [1, 2]: the newest
+    assert (entry.data, common) == (b"c", 2)  # three entries of one size share [1, 2]: the newest
+    store.put([1, 2, 7, 7, 7], b"d", 30, now=4.0)
+    entry, common = store.longest([1, 2, 8])
+    assert (entry.data, common) == (b"c", 2)  # the larger newest costs more to restore
     assert store.longest([7, 1, 2]) is None
     assert store.covers([1, 2, 3, 4]) and store.covers([1, 2, 9]) and not store.covers([1, 2, 3, 4, 5, 6])
+
+
+def test_an_entry_that_a_newer_one_extends_is_dropped() -> None:
+    store = PrefixStore(1000)
+    store.put([1, 2, 3], b"turn 1", 10, now=1.0)
+    store.put([1, 2, 4], b"other", 10, now=2.0)
+    store.put([1, 2, 3, 5, 6], b"turn 2", 20, now=3.0)
+    assert [e.data for e in store.entries] == [b"other", b"turn 2"] and store.bytes == 30
 
 
 def test_the_least_recently_used_entries_make_room_and_an_oversized_one_is_refused() -> None:
@@ -74,6 +87,8 @@ def test_the_budget_and_the_entry_count_always_hold(budget: int, puts: list[tupl
             assert store.entries[-1].tokens == tuple(tokens)  # the newest is always kept
         assert store.bytes == sum(e.size for e in store.entries) <= budget
         assert len(store.entries) <= MAX_ENTRIES
+        for i, entry in enumerate(store.entries):  # none extends another
+            assert not any(other.tokens[:len(entry.tokens)] == entry.tokens for other in store.entries[i + 1:])
 
 
 # --- the decode worker, on the real model -----------------------------------------------------------
@@ -124,6 +139,34 @@ async def test_a_shared_system_prompt_outlives_a_burst_that_takes_every_slot(
         assert stats.prefix_restores == 1 and stats.stored_prefixes >= 1 and stats.stored_bytes > 0
 
 
+async def test_a_chat_whose_slot_others_took_continues_from_its_saved_cache(
+        smol_model: Model, running_engine) -> None:
+    """Its next turn restores the history its slot held (its own cache, shown as such) and prefills
+    only the new turn, with the reply a prefill of the whole history gives; regenerating a reply in
+    its own slot saves nothing."""
+    first = chat(smol_model, SYSTEM, "What is the capital of France?")
+    pirates = [(chat(smol_model, OTHER, q), f"pirate-{i}") for i, q in enumerate(("Where is the treasure?",
+                                                                                 "What ship is that?"))]
+    async with running_engine(smol_model, KTULHU_SLOTS="2", KTULHU_PREFIX_STORE_MB="64") as engine:
+        answer, _ = await _reply(engine, first, "alice")
+        [worker] = engine._workers
+        await _reply(engine, first, "alice")  # regenerated in its own slot: the old reply is not kept
+        assert worker.store is not None and worker.store.entries == []
+        await _replies(engine, pirates)
+        [saved] = worker.store.entries
+        assert saved.chat_id == "alice" and saved.tokens[:len(first)] == tuple(first)
+        second = smol_model.tokenize(smol_model.detokenize(first) + answer
+                                     + "<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n",
+                                     special=True)
+        text, metrics = await _reply(engine, second, "alice")
+        [stats] = engine.stats().workers
+    async with running_engine(smol_model, KTULHU_SLOTS="2") as fresh:
+        expected, _ = await _reply(fresh, second, "alice")
+    assert text == expected
+    assert stats.prefix_restores == 1
+    assert metrics.cached_tokens == metrics.own_cached_tokens == common_prefix(saved.tokens, second) > len(first)
+
+
 async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: Model) -> None:
     """llama.cpp copies a sequence's whole stream at the next decode, while a restore writes at
     once: a restore into the copy's source before that decode would hand the copy the restored
@@ -147,8 +190,8 @@ async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: 
         system = [chat(smol_model, SYSTEM, q) for q in ("What is the capital of France?", "Name a large ocean.")]
         pirate = [chat(smol_model, OTHER, q) for q in ("Where is the treasure?", "What ship is that?", "Who?")]
         replies = [(await run((tokens, name)))[0] for tokens, name in zip(system + pirate, ("a", "b", "p0", "p1", "p2"))]
-        # the pirates took the slots of the two chats that shared the system prompt: it was saved
-        assert worker.store is not None and len(worker.store.entries) == 1
+        # the pirates took the slots of the two chats that shared the system prompt: both were saved
+        assert worker.store is not None and [e.chat_id for e in worker.store.entries] == ["a", "b"]
         [source] = [s for s in worker.slots if s.cached[:len(pirate[2])] == pirate[2]]
         target, other = (s for s in worker.slots if s is not source)
         target.last_used, source.last_used = 0.0, 1.0  # the copy lands in `target`; then `source` is LRU
