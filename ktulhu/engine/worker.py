@@ -15,7 +15,8 @@ it starts from a copy of the longest cached prefix (a system prompt shared acros
 API prompt) when that saves enough prefill. Before a slot is given to another conversation, the cache
 it loses is saved to host memory (`prefix_store`) and restored from there into the slot of a later
 request that starts with it: a chat whose slot was taken by others does not prefill its history
-again, and a burst that takes every slot does not cost the next requests their system prompt.
+again, and a burst that takes every slot does not cost the next requests their system prompt. An
+idle worker saves ahead of time the cache the next such request would take.
 
 An idle worker that gets a prompt while other requests are still on their way (`arrivals`: being
 authenticated, routed, built on the trio thread) waits briefly for them before its first step, so a
@@ -223,9 +224,10 @@ class DecodeWorker:
         self.prefix_copies = 0
         #: Admissions that started from a saved cache (`_restore`).
         self.prefix_restores = 0
-        #: Slots whose stream a stream copy queued since the last decode reads (llama.cpp copies at
-        #: the next decode): nothing may be written into them before it (a restore, a cell copy).
-        self._donors: set[int] = set()
+        #: Slots that a stream copy queued since the last decode reads or writes (llama.cpp copies
+        #: at the next decode): their cells are not final before it, so nothing reads or writes them
+        #: at once until then (a restore, a cell copy, a save).
+        self._queued: set[int] = set()
 
     def _time_calibration_step(self, n_tokens: int) -> float:
         """Seconds one step of `n_tokens` arbitrary tokens takes on slot 0 (left empty again). A
@@ -317,7 +319,7 @@ class DecodeWorker:
                 self._wake.clear()  # before looking for work, so a submit that follows is not missed
                 worked = self._step()
                 self._post_calls()
-                if not worked:
+                if not worked and not self._save_next_victim():
                     self._wake.wait(IDLE_WAIT_S)
         finally:
             for slot in self.slots:
@@ -389,7 +391,7 @@ class DecodeWorker:
         else:
             rc = llama_cpp.llama_decode(self.ctx, batch)
         elapsed = time.perf_counter() - decode_started
-        self._donors.clear()  # the queued copies were made before the decode wrote anything
+        self._queued.clear()  # the queued copies were made before the decode wrote anything
         if watch:
             llama_cpp.llama_set_abort_callback(self.ctx, llama_cpp.ggml_abort_callback(), None)
             self._watched = []
@@ -571,7 +573,7 @@ class DecodeWorker:
 
     def _copy_cost(self, slot: _Slot, cells: int) -> float:
         """Seconds a copy of a cache of `cells` cells into `slot` costs, the cheaper way (`_copy`)."""
-        if slot.sid in self._donors:
+        if slot.sid in self._queued:
             return self.stream_copy_s
         return min(self.stream_copy_s, cells * self.cell_copy_s)
 
@@ -579,13 +581,14 @@ class DecodeWorker:
         """Start `slot` from the first `length` tokens of `donor`'s cache; the donor keeps its own.
 
         Each sequence has its own KV stream. A short cache is copied cell by cell (`_transfer`: its
-        bytes, at once); a long one (or into a slot that a queued stream copy still reads) stream
-        and all by llama.cpp, at the next decode before that decode writes anything, which costs
-        the same whatever the cache holds. Either copy is then cut to the shared prefix."""
+        bytes, at once); a long one (or between slots a queued stream copy involves) stream and all
+        by llama.cpp, at the next decode before that decode writes anything, which costs the same
+        whatever the cache holds. Either copy is then cut to the shared prefix."""
         llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
-        if self._copy_cost(slot, len(donor.cached)) >= self.stream_copy_s or not self._transfer(donor.sid, slot.sid):
+        if (donor.sid in self._queued or self._copy_cost(slot, len(donor.cached)) >= self.stream_copy_s
+                or not self._transfer(donor.sid, slot.sid)):
             llama_cpp.llama_memory_seq_cp(self.mem, donor.sid, slot.sid, -1, -1)
-            self._donors.add(donor.sid)
+            self._queued |= {donor.sid, slot.sid}
         if not llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, length, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, slot.sid, -1, -1)
             slot.cached = []
@@ -597,28 +600,42 @@ class DecodeWorker:
     def _worth_restoring(self, slot: _Slot, prompt: list[int], have: int) -> StoredPrefix | None:
         """The saved cache sharing the longest prefix with `prompt`, where that is longer than `have`
         (what `slot` keeps or copies) by enough to pay for its restore (its cells, `cell_copy_s`
-        each at most); None too for a slot that a queued stream copy reads (a restore writes at once)."""
-        found = self.store.longest(prompt) if self.store is not None and slot.sid not in self._donors else None
+        each at most); None too for a slot that a queued stream copy involves (a restore writes at once)."""
+        found = self.store.longest(prompt) if self.store is not None and slot.sid not in self._queued else None
         if found is None or math.isinf(self.cell_copy_s):
             return None
         entry, common = found
         cost = len(entry.tokens) * self.cell_copy_s
         return entry if common - have >= min_copied_tokens(cost, self.costs.prefill_token_s) else None
 
-    def _save_evicted(self, slot: _Slot, keep: int) -> None:
+    def _save_next_victim(self) -> bool:
+        """With every slot idle and holding a cache, save the cache of the one a request of another
+        conversation would take next (the least recently used), so that this request does not wait
+        for the copy (`_save_evicted` finds it saved): on a CPU, fresh host memory costs about as
+        much as the copy. True when it saved one (the caller looks for work again before the next)."""
+        if self.store is None or not all(slot.cached and slot.gen is None for slot in self.slots):
+            return False
+        return self._save_evicted(min(self.slots, key=lambda slot: slot.last_used), 0)
+
+    def _save_evicted(self, slot: _Slot, keep: int) -> bool:
         """Before `slot` keeps only its first `keep` tokens for another conversation, save its cache
         to the store when that loses at least `MIN_SAVED_TOKENS`, unless an entry or another slot
-        holds all of it."""
+        holds all of it, or a queued stream copy involves the slot. The entry is as recent as the
+        slot's last use. True when it saved."""
         cached = slot.cached
-        if self.store is None or len(cached) - keep < MIN_SAVED_TOKENS or self.store.covers(cached):
-            return
+        if (self.store is None or len(cached) - keep < MIN_SAVED_TOKENS or slot.sid in self._queued
+                or self.store.covers(cached)):
+            return False
         if any(other is not slot and other.cached[:len(cached)] == cached for other in self.slots):
-            return
+            return False
         size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.sid)
-        if self.store.fits(size):
-            data = np.empty(size, np.uint8)  # not zeroed: llama.cpp writes all of it
-            if self._get_state(slot.sid, data, size):
-                self.store.put(cached, data, size, time.perf_counter(), slot.chat_id)
+        if not self.store.fits(size):
+            return False
+        data = np.empty(size, np.uint8)  # not zeroed: llama.cpp writes all of it
+        if not self._get_state(slot.sid, data, size):
+            return False
+        self.store.put(cached, data, size, slot.last_used, slot.chat_id)
+        return True
 
     def _transfer(self, source: int, target: int) -> bool:
         """Copy sequence `source`'s cells into sequence `target` in place of its own (llama.cpp's

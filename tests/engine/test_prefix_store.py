@@ -7,7 +7,7 @@ dropped first."""
 
 from __future__ import annotations
 
-import math
+from functools import partial
 
 import pytest
 import trio
@@ -167,25 +167,67 @@ async def test_a_chat_whose_slot_others_took_continues_from_its_saved_cache(
     assert metrics.cached_tokens == metrics.own_cached_tokens == common_prefix(saved.tokens, second) > len(first)
 
 
+def _worker(model: Model, n_slots: int) -> DecodeWorker:
+    """A decode worker driven on the test's own thread (`_drive`), with a store."""
+    return DecodeWorker(model, n_slots=n_slots, n_ctx_seq=512, n_threads=1,
+                        trio_token=trio.lowlevel.current_trio_token(), on_slot_free=lambda: None,
+                        prefix_store_bytes=64 << 20)
+
+
+async def _drive(worker: DecodeWorker, *requests: tuple[list[int], str]) -> list[str]:
+    """Admitted together, in order, then stepped to the end on this thread."""
+    gens = [Generation.create(tokens, GREEDY, chat_id) for tokens, chat_id in requests]
+    for gen in gens:
+        worker.submit(gen)
+    while worker._step():
+        pass
+    worker._post_calls()
+    with trio.fail_after(60):
+        return [await gen.text() for gen in gens]
+
+
+async def _prefilled(model: Model, tokens: list[int]) -> str:
+    """The reply of a worker with nothing cached."""
+    worker = _worker(model, n_slots=1)
+    try:
+        [text] = await _drive(worker, (tokens, "reference"))
+        return text
+    finally:
+        worker.stop()
+        worker.run()
+
+
+async def test_an_idle_worker_saves_the_cache_the_next_request_would_take(smol_model: Model) -> None:
+    """With every slot idle and holding a cache, the least recently used one is saved before a
+    request needs its slot; the request of another chat that then takes it copies nothing more, and
+    the chat that comes back restores it."""
+    worker = _worker(smol_model, n_slots=2)
+    alice = chat(smol_model, SYSTEM, "What is the capital of France?")
+    pirates = [chat(smol_model, OTHER, q) for q in ("Where is the treasure?", "What ship is that?")]
+    try:
+        await _drive(worker, (alice, "alice"))
+        assert not worker._save_next_victim()  # a slot is still empty: the next request takes it
+        await _drive(worker, (pirates[0], "p0"))
+        assert worker._save_next_victim()
+        assert worker.store is not None and [(e.chat_id, e.tokens[:len(alice)]) for e in worker.store.entries] == [
+            ("alice", tuple(alice))]
+        assert not worker._save_next_victim()  # saved already
+        [saved] = worker.store.entries
+        await _drive(worker, (pirates[1], "p1"))  # takes alice's slot, the least recently used
+        assert worker.store.entries == [saved]
+        await _drive(worker, (alice, "alice"))
+        assert worker.prefix_restores == 1
+    finally:
+        worker.stop()
+        worker.run()  # frees the context
+
+
 async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: Model) -> None:
     """llama.cpp copies a sequence's whole stream at the next decode, while a restore writes at
     once: a restore into the copy's source before that decode would hand the copy the restored
     cells."""
-    worker = DecodeWorker(smol_model, n_slots=3, n_ctx_seq=512, n_threads=1,
-                          trio_token=trio.lowlevel.current_trio_token(), on_slot_free=lambda: None,
-                          prefix_store_bytes=64 << 20)
-
-    async def run(*requests: tuple[list[int], str]) -> list[str]:
-        """Admitted together, in order, then stepped to the end on this thread."""
-        gens = [Generation.create(tokens, GREEDY, chat_id) for tokens, chat_id in requests]
-        for gen in gens:
-            worker.submit(gen)
-        while worker._step():
-            pass
-        worker._post_calls()
-        with trio.fail_after(60):
-            return [await gen.text() for gen in gens]
-
+    worker = _worker(smol_model, n_slots=3)
+    run = partial(_drive, worker)
     try:
         system = [chat(smol_model, SYSTEM, q) for q in ("What is the capital of France?", "Name a large ocean.")]
         pirate = [chat(smol_model, OTHER, q) for q in ("Where is the treasure?", "What ship is that?", "Who?")]
@@ -195,12 +237,36 @@ async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: 
         [source] = [s for s in worker.slots if s.cached[:len(pirate[2])] == pirate[2]]
         target, other = (s for s in worker.slots if s is not source)
         target.last_used, source.last_used = 0.0, 1.0  # the copy lands in `target`; then `source` is LRU
-        worker.cell_copy_s = math.inf  # copies go stream by stream, queued for the next decode
+        worker.stream_copy_s = 0.0  # copies go stream by stream, queued for the next decode
         restores = worker.prefix_restores
         copied, _ = await run((pirate[2], "r1"), (chat(smol_model, SYSTEM, "How many legs has a spider?"), "r2"))
         assert target.chat_id == "r1" and source.chat_id == "r2"
         assert worker.prefix_restores == restores  # not into the copy's source: r2 prefilled
         assert copied == replies[4]  # r1's copy holds p2's cells, not the system prompt's
+    finally:
+        worker.stop()
+        worker.run()  # frees the context
+
+
+async def test_a_slot_whose_queued_copy_has_not_run_is_not_saved(smol_model: Model) -> None:
+    """A request that starts from a stream copy and is cancelled before any decode leaves its slot
+    idle with the copy still queued: its cells are not there yet, so they are not saved; the next
+    request in that slot gets the copied cells (the copy runs at its decode)."""
+    worker = _worker(smol_model, n_slots=2)
+    alice, bob = (chat(smol_model, SYSTEM, q) for q in ("What is the capital of France?", "Name a large ocean."))
+    try:
+        expected = await _prefilled(smol_model, bob)
+        await _drive(worker, (alice, "alice"))
+        worker.stream_copy_s = 0.0  # the copy goes stream by stream, queued for the next decode
+        cancelled = Generation.create(bob, GREEDY, "bob")
+        worker._admit(cancelled)  # copies alice's system prompt into the empty slot
+        [target] = [s for s in worker.slots if s.gen is cancelled]
+        assert target.cached and target.sid in worker._queued
+        cancelled.cancel()
+        assert not worker._step()  # dropped before any decode: nothing ran
+        assert target.gen is None and target.cached and target.sid in worker._queued
+        assert not worker._save_evicted(target, 0)
+        assert await _drive(worker, (bob, "bob")) == [expected]
     finally:
         worker.stop()
         worker.run()  # frees the context
