@@ -75,6 +75,7 @@ def summarise(records: list[Record], wall: float) -> dict[str, float | int | Non
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "ttft_p50_ms": _ms(percentile(ttfts, 50)),
+        "ttft_mean_ms": _ms(statistics.fmean(ttfts)) if ttfts else None,
         "ttft_p99_ms": _ms(percentile(ttfts, 99)),
         "itl_p50_ms": _ms(percentile(gaps, 50)),
         "itl_p99_ms": _ms(percentile(gaps, 99)),

@@ -15,6 +15,11 @@ Ktulhu's routed system prompt, not the explicit one, so they are longer than the
 server runs greedy with `--max-tokens` as its reply cap, so the replies match in length. Each chat's
 title (made after its first exchange, when the engine is idle) is awaited after the batch's clock
 has stopped, and then an idle engine on `/metrics`, so no title runs in another system's round.
+Then `returning chats`: more chats than slots (`--chats`, twice the slots by default), each sending
+`--turns` turns with its whole history as OpenAI clients do, one request at a time, the chats in
+turn, so every chat comes back after the others have taken its slot; both servers keep such caches
+in host memory (llama-server's `--cache-ram`, Ktulhu's `KTULHU_PREFIX_STORE_MB`). Per turn and
+system, interleaved: time to first token p50 and the prompt tokens served from a cache.
 Results: bench/results/http.json and a table on stdout.
 """
 
@@ -182,9 +187,60 @@ async def wait_settled(base: str, all_titled: Callable[[], bool], limit: float) 
                 await trio.sleep(IDLE_POLL_S)
 
 
+async def chat_turn(http: httpx.AsyncClient, url: str, history: list[dict[str, str]],
+                    max_tokens: int) -> tuple[float, str, int]:
+    """One streamed greedy turn: seconds to the first text, the reply, and the prompt tokens the
+    server says it served from a cache."""
+    body = {"model": "default", "stream": True, "stream_options": {"include_usage": True},
+            "temperature": 0.0, "max_tokens": max_tokens, "messages": history}
+    started = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    cached = 0
+    async with http.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            for choice in chunk.get("choices", ()):
+                if text := choice.get("delta", {}).get("content"):
+                    first = first or time.perf_counter()
+                    parts.append(text)
+    return (first or time.perf_counter()) - started, "".join(parts), cached
+
+
+async def returning_chats(bases: dict[str, str], chats: int, turns: int, max_tokens: int) -> dict[str, Any]:
+    """`chats` conversations of `turns` turns, one request at a time, each chat's turn after every
+    other chat's: per system and turn, TTFT p50 and mean cached prompt tokens. The systems take
+    each turn in turn (interleaved)."""
+    histories = {name: [[{"role": "system", "content": SYSTEM}] for _ in range(chats)] for name in bases}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in bases}
+    # a connection per request: llama-server may close a kept-alive one as the next request leaves
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        for turn in range(turns):
+            for name, base in bases.items():
+                ttfts, cached = [], []
+                for i, history in enumerate(histories[name]):
+                    history.append({"role": "user", "content": f"Turn {turn + 1}: tell me more about "
+                                                              f"{TOPICS[i % len(TOPICS)]}."})
+                    ttft, reply, hit = await chat_turn(http, f"{base}/v1/chat/completions", history, max_tokens)
+                    history.append({"role": "assistant", "content": reply})
+                    ttfts.append(ttft)
+                    cached.append(hit)
+                results[name].append({"ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
+                                      "cached_tokens_mean": round(statistics.fmean(cached), 1)})
+            print(f"[returning chats, turn {turn + 1}] " + " | ".join(
+                f"{name} ttft p50 {rows[-1]['ttft_p50_ms']} ms, cached {rows[-1]['cached_tokens_mean']}"
+                for name, rows in results.items()), flush=True)
+    return results
+
+
 def figures(name: str, summary: dict[str, Any]) -> str:
-    return (f"{name} {summary['tokens_per_s']} tok/s, ttft p50 {summary['ttft_p50_ms']} ms, "
-            f"itl p99 {summary['itl_p99_ms']} ms")
+    return (f"{name} {summary['tokens_per_s']} tok/s, ttft p50 {summary['ttft_p50_ms']} ms "
+            f"(mean {summary['ttft_mean_ms']}), itl p99 {summary['itl_p99_ms']} ms")
 
 
 async def compare(systems: list[System], levels: list[int], rounds: int) -> dict[str, Any]:
@@ -229,6 +285,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=1024, help="tokens per slot")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--chats", type=int, help="returning chats (default: twice the slots)")
+    parser.add_argument("--turns", type=int, default=3, help="turns of each returning chat (0: none)")
+    parser.add_argument("--chat-tokens", type=int, default=32, help="tokens of each returning chat's reply")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "http.json")
     args = parser.parse_args()
     model = load_settings().model_file
@@ -253,6 +312,8 @@ def main() -> None:
                        System("llama-server", partial(v1_batch, theirs.base, args.max_tokens))]
             results = trio.run(compare, systems, levels, args.rounds)
             lengths = prompt_lengths(systems)
+            returning = trio.run(returning_chats, {"ktulhu": ours.url, "llama-server": theirs.base},
+                                 args.chats or 2 * args.slots, args.turns, args.chat_tokens)
         finally:
             ours.stop()
             theirs.close()
@@ -261,7 +322,9 @@ def main() -> None:
               "slots": args.slots, "ctx": args.ctx, "max_tokens": args.max_tokens, "rounds": args.rounds,
               "measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "prompt_tokens_mean": lengths,
               "ktulhu-ws": "/ws prompts with the same user messages: Ktulhu's routed system prompt (longer "
-                           "prompts), a new chat each, titles awaited outside the clock", "levels": results}
+                           "prompts), a new chat each, titles awaited outside the clock", "levels": results,
+              "returning_chats": {"chats": args.chats or 2 * args.slots, "reply_tokens": args.chat_tokens,
+                                  "turns": returning}}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")
 
