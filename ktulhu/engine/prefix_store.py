@@ -85,6 +85,10 @@ class PrefixStore:
     def fits(self, size: int) -> bool:
         return 0 < size <= self.budget_bytes
 
+    def has_room(self, size: int) -> bool:
+        """Whether an entry of `size` bytes `fits` without dropping another."""
+        return self.fits(size) and self.bytes + size <= self.budget_bytes and len(self.entries) < MAX_ENTRIES
+
     def put(self, tokens: Sequence[int], data: object, size: int, now: float, chat_id: str | None = None) -> None:
         """Keep `data` (`size` bytes, which `fits`) for `tokens`, dropping the entries it extends, then
         the least recently used ones it does not leave room for."""

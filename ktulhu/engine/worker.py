@@ -16,7 +16,8 @@ API prompt) when that saves enough prefill. Before a slot is given to another co
 it loses is saved to host memory (`prefix_store`) and restored from there into the slot of a later
 request that starts with it: a chat whose slot was taken by others does not prefill its history
 again, and a burst that takes every slot does not cost the next requests their system prompt. An
-idle worker saves ahead of time the cache the next such request would take.
+idle worker saves its slots' caches ahead of time, where the store has room, so that the next such
+requests do not wait for the copy.
 
 An idle worker that gets a prompt while other requests are still on their way (`arrivals`: being
 authenticated, routed, built on the trio thread) waits briefly for them before its first step, so a
@@ -315,11 +316,15 @@ class DecodeWorker:
 
     def run(self) -> None:
         try:
+            saving = False  # whether slots changed since the idle worker last found nothing to save ahead
             while not self._stopping:
                 self._wake.clear()  # before looking for work, so a submit that follows is not missed
                 worked = self._step()
                 self._post_calls()
-                if not worked and not self._save_next_victim():
+                if worked:
+                    saving = True
+                elif not (saving and self._save_ahead()):
+                    saving = False
                     self._wake.wait(IDLE_WAIT_S)
         finally:
             for slot in self.slots:
@@ -608,20 +613,21 @@ class DecodeWorker:
         cost = len(entry.tokens) * self.cell_copy_s
         return entry if common - have >= min_copied_tokens(cost, self.costs.prefill_token_s) else None
 
-    def _save_next_victim(self) -> bool:
-        """With every slot idle and holding a cache, save the cache of the one a request of another
-        conversation would take next (the least recently used), so that this request does not wait
-        for the copy (`_save_evicted` finds it saved): on a CPU, fresh host memory costs about as
-        much as the copy. True when it saved one (the caller looks for work again before the next)."""
+    def _save_ahead(self) -> bool:
+        """With every slot idle and holding a cache, save one that is not saved yet, the least
+        recently used first (the one the next request of another conversation takes), where the
+        store has room without dropping an entry: that request then finds it saved (`_save_evicted`),
+        where fresh host memory would cost it about as much as the copy. True when it saved one (the
+        caller looks for work again before the next)."""
         if self.store is None or not all(slot.cached and slot.gen is None for slot in self.slots):
             return False
-        return self._save_evicted(min(self.slots, key=lambda slot: slot.last_used), 0)
+        return any(self._save_evicted(slot, 0, room_only=True) for slot in sorted(self.slots, key=lambda s: s.last_used))
 
-    def _save_evicted(self, slot: _Slot, keep: int) -> bool:
+    def _save_evicted(self, slot: _Slot, keep: int, *, room_only: bool = False) -> bool:
         """Before `slot` keeps only its first `keep` tokens for another conversation, save its cache
         to the store when that loses at least `MIN_SAVED_TOKENS`, unless an entry or another slot
-        holds all of it, or a queued stream copy involves the slot. The entry is as recent as the
-        slot's last use. True when it saved."""
+        holds all of it, or a queued stream copy involves the slot (`room_only`: unless that would
+        drop an entry). The entry is as recent as the slot's last use. True when it saved."""
         cached = slot.cached
         if (self.store is None or len(cached) - keep < MIN_SAVED_TOKENS or slot.sid in self._queued
                 or self.store.covers(cached)):
@@ -629,7 +635,7 @@ class DecodeWorker:
         if any(other is not slot and other.cached[:len(cached)] == cached for other in self.slots):
             return False
         size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.sid)
-        if not self.store.fits(size):
+        if not (self.store.has_room(size) if room_only else self.store.fits(size)):
             return False
         data = np.empty(size, np.uint8)  # not zeroed: llama.cpp writes all of it
         if not self._get_state(slot.sid, data, size):

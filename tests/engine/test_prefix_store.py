@@ -197,26 +197,31 @@ async def _prefilled(model: Model, tokens: list[int]) -> str:
         worker.run()
 
 
-async def test_an_idle_worker_saves_the_cache_the_next_request_would_take(smol_model: Model) -> None:
-    """With every slot idle and holding a cache, the least recently used one is saved before a
-    request needs its slot; the request of another chat that then takes it copies nothing more, and
-    the chat that comes back restores it."""
+async def test_an_idle_worker_saves_its_caches_ahead_of_the_requests_that_take_their_slots(
+        smol_model: Model) -> None:
+    """With every slot idle and holding a cache, each is saved in turn, the least recently used
+    first, while the store has room without dropping an entry; a request of another chat that then
+    takes a slot copies nothing more, and the chat that comes back restores its cache."""
     worker = _worker(smol_model, n_slots=2)
     alice = chat(smol_model, SYSTEM, "What is the capital of France?")
     pirates = [chat(smol_model, OTHER, q) for q in ("Where is the treasure?", "What ship is that?")]
     try:
         await _drive(worker, (alice, "alice"))
-        assert not worker._save_next_victim()  # a slot is still empty: the next request takes it
+        assert not worker._save_ahead()  # a slot is still empty: the next request takes it
         await _drive(worker, (pirates[0], "p0"))
-        assert worker._save_next_victim()
-        assert worker.store is not None and [(e.chat_id, e.tokens[:len(alice)]) for e in worker.store.entries] == [
-            ("alice", tuple(alice))]
-        assert not worker._save_next_victim()  # saved already
-        [saved] = worker.store.entries
+        assert worker.store is not None
+        budget = worker.store.budget_bytes
+        assert worker._save_ahead()
+        assert [(e.chat_id, e.tokens[:len(alice)]) for e in worker.store.entries] == [("alice", tuple(alice))]
+        worker.store.budget_bytes = worker.store.bytes + 1  # p0's cache fits, but only in alice's place
+        assert not worker._save_ahead()
+        worker.store.budget_bytes = budget
+        assert worker._save_ahead() and not worker._save_ahead()  # p0's, then nothing left
+        saved = list(worker.store.entries)
+        assert [e.chat_id for e in saved] == ["alice", "p0"]
         await _drive(worker, (pirates[1], "p1"))  # takes alice's slot, the least recently used
-        assert worker.store.entries == [saved]
-        await _drive(worker, (alice, "alice"))
-        assert worker.prefix_restores == 1
+        await _drive(worker, (alice, "alice"))  # takes p0's: restored, nothing copied out
+        assert worker.store.entries == saved and worker.prefix_restores == 1
     finally:
         worker.stop()
         worker.run()  # frees the context
