@@ -621,7 +621,8 @@ class DecodeWorker:
         caller looks for work again before the next)."""
         if self.store is None or not all(slot.cached and slot.gen is None for slot in self.slots):
             return False
-        return any(self._save_evicted(slot, 0, room_only=True) for slot in sorted(self.slots, key=lambda s: s.last_used))
+        oldest_first = sorted(self.slots, key=lambda slot: slot.last_used)
+        return any(self._save_evicted(slot, 0, room_only=True) for slot in oldest_first)
 
     def _save_evicted(self, slot: _Slot, keep: int, *, room_only: bool = False) -> bool:
         """Before `slot` keeps only its first `keep` tokens for another conversation, save its cache

@@ -236,7 +236,8 @@ async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: 
     try:
         system = [chat(smol_model, SYSTEM, q) for q in ("What is the capital of France?", "Name a large ocean.")]
         pirate = [chat(smol_model, OTHER, q) for q in ("Where is the treasure?", "What ship is that?", "Who?")]
-        replies = [(await run((tokens, name)))[0] for tokens, name in zip(system + pirate, ("a", "b", "p0", "p1", "p2"))]
+        replies = [(await run((tokens, name)))[0]
+                   for tokens, name in zip(system + pirate, ("a", "b", "p0", "p1", "p2"))]
         # the pirates took the slots of the two chats that shared the system prompt: both were saved
         assert worker.store is not None and [e.chat_id for e in worker.store.entries] == ["a", "b"]
         [source] = [s for s in worker.slots if s.cached[:len(pirate[2])] == pirate[2]]
