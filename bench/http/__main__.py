@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -89,20 +89,24 @@ def messages(i: int, round_: int) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_text(i, round_)}]
 
 
-async def stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], prompt_tokens: list[int]) -> Record:
-    clock = TokenClock(time.perf_counter())
-    tokens = 0
+async def sse_chunks(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of one streamed `/v1/chat/completions` request."""
     async with http.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-                prompt_tokens.append(chunk["usage"]["prompt_tokens"])
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", ())):
-                clock.tick()
+            if line.startswith("data: {"):
+                yield json.loads(line[6:])
+
+
+async def stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], prompt_tokens: list[int]) -> Record:
+    clock = TokenClock(time.perf_counter())
+    tokens = 0
+    async for chunk in sse_chunks(http, url, body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+            prompt_tokens.append(chunk["usage"]["prompt_tokens"])
+        if any(c.get("delta", {}).get("content") for c in chunk.get("choices", ())):
+            clock.tick()
     return clock.record(tokens or len(clock.gaps) + (clock.first is not None))
 
 
@@ -197,18 +201,13 @@ async def chat_turn(http: httpx.AsyncClient, url: str, history: list[dict[str, s
     first: float | None = None
     parts: list[str] = []
     cached = 0
-    async with http.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-            for choice in chunk.get("choices", ()):
-                if text := choice.get("delta", {}).get("content"):
-                    first = first or time.perf_counter()
-                    parts.append(text)
+    async for chunk in sse_chunks(http, url, body):
+        if chunk.get("usage"):
+            cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        for choice in chunk.get("choices", ()):
+            if text := choice.get("delta", {}).get("content"):
+                first = first or time.perf_counter()
+                parts.append(text)
     return (first or time.perf_counter()) - started, "".join(parts), cached
 
 
