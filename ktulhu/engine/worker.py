@@ -617,12 +617,14 @@ class DecodeWorker:
         """With every slot idle and holding a cache, save one that is not saved yet, the least
         recently used first (the one the next request of another conversation takes), where the
         store has room without dropping an entry: that request then finds it saved (`_save_evicted`),
-        where fresh host memory would cost it about as much as the copy. True when it saved one (the
-        caller looks for work again before the next)."""
+        where fresh host memory would cost it about as much as the copy. Only a cache whose copy
+        takes at most a decode step (`cell_copy_s` a cell): a request that arrives meanwhile waits
+        no longer. True when it saved one (the caller looks for work again before the next)."""
         if self.store is None or not all(slot.cached and slot.gen is None for slot in self.slots):
             return False
         oldest_first = sorted(self.slots, key=lambda slot: slot.last_used)
-        return any(self._save_evicted(slot, 0, room_only=True) for slot in oldest_first)
+        return any(self._save_evicted(slot, 0, room_only=True) for slot in oldest_first
+                   if len(slot.cached) * self.cell_copy_s <= self.costs.decode_step_s)
 
     def _save_evicted(self, slot: _Slot, keep: int, *, room_only: bool = False) -> bool:
         """Before `slot` keeps only its first `keep` tokens for another conversation, save its cache

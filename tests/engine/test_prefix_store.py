@@ -216,6 +216,9 @@ async def test_an_idle_worker_saves_its_caches_ahead_of_the_requests_that_take_t
         worker.store.budget_bytes = worker.store.bytes + 1  # p0's cache fits, but only in alice's place
         assert not worker._save_ahead()
         worker.store.budget_bytes = budget
+        cell_copy_s, worker.cell_copy_s = worker.cell_copy_s, worker.costs.decode_step_s
+        assert not worker._save_ahead()  # a copy longer than a decode step would hold up a request
+        worker.cell_copy_s = cell_copy_s
         assert worker._save_ahead() and not worker._save_ahead()  # p0's, then nothing left
         saved = list(worker.store.entries)
         assert [e.chat_id for e in saved] == ["alice", "p0"]
