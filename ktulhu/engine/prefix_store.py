@@ -89,12 +89,13 @@ class PrefixStore:
         """Whether an entry of `size` bytes `fits` without dropping another."""
         return self.fits(size) and self.bytes + size <= self.budget_bytes and len(self.entries) < MAX_ENTRIES
 
-    def put(self, tokens: Sequence[int], data: object, size: int, now: float, chat_id: str | None = None) -> None:
-        """Keep `data` (`size` bytes, which `fits`) for `tokens`, dropping the entries it extends, then
-        the least recently used ones it does not leave room for."""
+    def put(self, tokens: Sequence[int], data: object, size: int, last_used: float,
+            chat_id: str | None = None) -> None:
+        """Keep `data` (`size` bytes, which `fits`) for `tokens`, as recent as `last_used`, dropping
+        the entries it extends, then the least recently used ones it does not leave room for."""
         if not self.fits(size):
             raise ValueError(f"a saved cache of {size} bytes does not fit a budget of {self.budget_bytes}")
-        entry = StoredPrefix(tuple(tokens), data, size, now, chat_id)
+        entry = StoredPrefix(tuple(tokens), data, size, last_used, chat_id)
         kept = [e for e in self.entries if _common(e.array, entry.array) < len(e.array)]
         kept.sort(key=lambda e: e.last_used)
         held = sum(e.size for e in kept)

@@ -38,16 +38,16 @@ def shared_length(*prompts: list[int]) -> int:
 # --- the store's bookkeeping -------------------------------------------------------------------------
 
 
-def test_the_longest_match_wins_then_the_most_recently_used() -> None:
+def test_the_longest_match_wins_then_the_smallest_then_the_most_recently_used() -> None:
     store = PrefixStore(1000)
-    store.put([1, 2, 3], b"a", 10, now=1.0)
-    store.put([1, 2, 3, 4, 5], b"b", 10, now=2.0)
-    store.put([1, 2, 9], b"c", 10, now=3.0)
+    store.put([1, 2, 3], b"a", 10, last_used=1.0)
+    store.put([1, 2, 3, 4, 5], b"b", 10, last_used=2.0)
+    store.put([1, 2, 9], b"c", 10, last_used=3.0)
     entry, common = store.longest([1, 2, 3, 4, 7])
     assert (entry.data, common) == (b"b", 4)
     entry, common = store.longest([1, 2, 8])
     assert (entry.data, common) == (b"c", 2)  # three entries of one size share [1, 2]: the newest
-    store.put([1, 2, 7, 7, 7], b"d", 30, now=4.0)
+    store.put([1, 2, 7, 7, 7], b"d", 30, last_used=4.0)
     entry, common = store.longest([1, 2, 8])
     assert (entry.data, common) == (b"c", 2)  # the larger newest costs more to restore
     assert store.longest([7, 1, 2]) is None
@@ -56,22 +56,22 @@ def test_the_longest_match_wins_then_the_most_recently_used() -> None:
 
 def test_an_entry_that_a_newer_one_extends_is_dropped() -> None:
     store = PrefixStore(1000)
-    store.put([1, 2, 3], b"turn 1", 10, now=1.0)
-    store.put([1, 2, 4], b"other", 10, now=2.0)
-    store.put([1, 2, 3, 5, 6], b"turn 2", 20, now=3.0)
+    store.put([1, 2, 3], b"turn 1", 10, last_used=1.0)
+    store.put([1, 2, 4], b"other", 10, last_used=2.0)
+    store.put([1, 2, 3, 5, 6], b"turn 2", 20, last_used=3.0)
     assert [e.data for e in store.entries] == [b"other", b"turn 2"] and store.bytes == 30
 
 
 def test_the_least_recently_used_entries_make_room_and_an_oversized_one_is_refused() -> None:
     store = PrefixStore(100)
-    store.put([1], b"a", 40, now=1.0)
-    store.put([2], b"b", 40, now=2.0)
+    store.put([1], b"a", 40, last_used=1.0)
+    store.put([2], b"b", 40, last_used=2.0)
     store.entries[0].last_used = 3.0  # [1] was restored since
-    store.put([3], b"c", 40, now=4.0)
+    store.put([3], b"c", 40, last_used=4.0)
     assert [e.tokens for e in store.entries] == [(1,), (3,)] and store.bytes == 80
     assert not store.fits(101) and not store.fits(0)
     with pytest.raises(ValueError):
-        store.put([4], b"d", 101, now=5.0)
+        store.put([4], b"d", 101, last_used=5.0)
     assert store.bytes == 80 and len(store.entries) == 2  # a refused entry changes nothing
     store.clear()
     assert store.entries == [] and store.bytes == 0
@@ -83,7 +83,7 @@ def test_the_budget_and_the_entry_count_always_hold(budget: int, puts: list[tupl
     store = PrefixStore(budget)
     for now, (tokens, size) in enumerate(puts):
         if store.fits(size):
-            store.put(tokens, b"", size, now=float(now))
+            store.put(tokens, b"", size, last_used=float(now))
             assert store.entries[-1].tokens == tuple(tokens)  # the newest is always kept
         assert store.bytes == sum(e.size for e in store.entries) <= budget
         assert len(store.entries) <= MAX_ENTRIES
