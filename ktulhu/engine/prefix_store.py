@@ -65,6 +65,8 @@ class PrefixStore:
         self.budget_bytes = budget_bytes
         self.entries: list[StoredPrefix] = []
         self.bytes = 0
+        #: The entries' tokens: the idle worker asks again and again whether a slot's cache is saved.
+        self._saved: set[tuple[int, ...]] = set()
 
     def longest(self, prompt: Sequence[int]) -> tuple[StoredPrefix, int] | None:
         """The entry sharing the longest prefix with `prompt`, and that length; on a tie the smallest
@@ -79,6 +81,8 @@ class PrefixStore:
 
     def covers(self, tokens: Sequence[int]) -> bool:
         """Whether an entry starts with all of `tokens` (restoring it and cutting gives them)."""
+        if tuple(tokens) in self._saved:
+            return True
         wanted = _tokens(tokens)
         return any(_common(entry.array, wanted) == len(wanted) for entry in self.entries)
 
@@ -103,7 +107,9 @@ class PrefixStore:
             held -= kept.pop(0).size
         self.entries = [*kept, entry]
         self.bytes = held + size
+        self._saved = {e.tokens for e in self.entries}
 
     def clear(self) -> None:
         self.entries.clear()
         self.bytes = 0
+        self._saved.clear()

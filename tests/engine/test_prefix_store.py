@@ -79,7 +79,8 @@ def test_the_least_recently_used_entries_make_room_and_an_oversized_one_is_refus
 
 @given(st.integers(1, 500), st.lists(st.tuples(st.lists(st.integers(0, 5), min_size=1, max_size=6),
                                                st.integers(1, 600)), max_size=120))
-def test_the_budget_and_the_entry_count_always_hold(budget: int, puts: list[tuple[list[int], int]]) -> None:
+def test_the_budget_the_entry_count_and_the_coverage_always_hold(budget: int,
+                                                                 puts: list[tuple[list[int], int]]) -> None:
     store = PrefixStore(budget)
     for now, (tokens, size) in enumerate(puts):
         if store.fits(size):
@@ -89,6 +90,8 @@ def test_the_budget_and_the_entry_count_always_hold(budget: int, puts: list[tupl
         assert len(store.entries) <= MAX_ENTRIES
         for i, entry in enumerate(store.entries):  # none extends another
             assert not any(other.tokens[:len(entry.tokens)] == entry.tokens for other in store.entries[i + 1:])
+        for probe in (tokens, tokens[:-1], [*tokens, 0]):  # covered exactly when an entry starts with it
+            assert store.covers(probe) == any(e.tokens[:len(probe)] == tuple(probe) for e in store.entries)
 
 
 # --- the decode worker, on the real model -----------------------------------------------------------
