@@ -284,11 +284,13 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=1024, help="tokens per slot")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--chats", type=int, help="returning chats (default: twice the slots)")
+    parser.add_argument("--chats", type=int, help="returning chats, at least 1 (default: twice the slots)")
     parser.add_argument("--turns", type=int, default=3, help="turns of each returning chat (0: none)")
     parser.add_argument("--chat-tokens", type=int, default=32, help="tokens of each returning chat's reply")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "http.json")
     args = parser.parse_args()
+    if (args.chats is not None and args.chats < 1) or args.turns < 0 or args.chat_tokens < 1:
+        parser.error("--chats and --chat-tokens must be at least 1, --turns at least 0")
     model = load_settings().model_file
     levels = [int(level) for level in args.levels.split(",")]
     with tempfile.TemporaryDirectory(prefix="ktulhu-http-") as tmp:

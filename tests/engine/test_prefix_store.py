@@ -262,8 +262,9 @@ async def test_no_restore_goes_into_a_slot_that_a_queued_copy_reads(smol_model: 
 
 async def test_a_slot_whose_queued_copy_has_not_run_is_not_saved(smol_model: Model) -> None:
     """A request that starts from a stream copy and is cancelled before any decode leaves its slot
-    idle with the copy still queued: its cells are not there yet, so they are not saved; the next
-    request in that slot gets the copied cells (the copy runs at its decode)."""
+    idle with the copy still queued: its cells are not there yet, so they are not saved, even once
+    no other slot holds them (the source taken by another chat before that decode); the next request
+    in that slot gets the copied cells (the copy runs at its decode)."""
     worker = _worker(smol_model, n_slots=2)
     alice, bob = (chat(smol_model, SYSTEM, q) for q in ("What is the capital of France?", "Name a large ocean."))
     try:
@@ -273,11 +274,19 @@ async def test_a_slot_whose_queued_copy_has_not_run_is_not_saved(smol_model: Mod
         cancelled = Generation.create(bob, GREEDY, "bob")
         worker._admit(cancelled)  # copies alice's system prompt into the empty slot
         [target] = [s for s in worker.slots if s.gen is cancelled]
-        assert target.cached and target.sid in worker._queued
+        [source] = [s for s in worker.slots if s is not target]
+        assert target.cached and {target.sid, source.sid} <= worker._queued
         cancelled.cancel()
         assert not worker._step()  # dropped before any decode: nothing ran
         assert target.gen is None and target.cached and target.sid in worker._queued
+        pirate = Generation.create(chat(smol_model, OTHER, "Where is the treasure?"), GREEDY, "pirate")
+        worker._admit(pirate)  # takes alice's slot, the least recently used, before any decode
+        assert source.gen is pirate and len(source.cached) < len(target.cached)
+        assert worker.store is not None and not worker.store.covers(target.cached)  # alice's was not saved either
         assert not worker._save_evicted(target, 0)
+        while worker._step():
+            pass
+        worker._post_calls()
         assert await _drive(worker, (bob, "bob")) == [expected]
     finally:
         worker.stop()
