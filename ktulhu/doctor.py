@@ -89,7 +89,7 @@ def installed_build() -> tuple[dict | None, str, bool]:
 
 
 def build_check(marker: dict | None, system_info: str, gpu_offload: bool) -> Check:
-    """Is the installed llama.cpp the one `make setup` built for this CPU, without AMX kernels?"""
+    """Is the installed llama.cpp the one `make setup` built for this CPU, without AMX kernels or OpenMP?"""
     detail = {"system_info": system_info, "gpu_offload": gpu_offload, "build": marker and marker.get("key"),
               "variant": marker and marker.get("gpu")}
     summary = (f"llama-cpp-python {native_build.LLAMA_CPP_PYTHON_VERSION}, "
@@ -97,13 +97,17 @@ def build_check(marker: dict | None, system_info: str, gpu_offload: bool) -> Che
     if "AMX_INT8 = 1" in system_info or "AMX = 1" in system_info:
         return Check("build", FAIL, summary + ", AMX kernels compiled in",
                      "they crash on the first batched decode (llama.cpp issue 20824): run `make setup`", detail)
+    if "OPENMP = 1" in system_info:
+        return Check("build", WARN, summary + ", OpenMP threads",
+                     "a second llama.cpp context computing on another thread (embeddings, an engine reload) makes "
+                     "every later decode step about 2.5x slower: run `make setup` (built without OpenMP)", detail)
     if marker is None:
         return Check("build", WARN, summary + ", not built by `make setup`",
                      "it may be a wheel compiled for another CPU: run `make setup`", detail)
     if not native_build.fits_this_cpu(marker):
         return Check("build", FAIL, summary + ", compiled for another CPU",
                      "run `make setup` to build for this one (the cache keeps one build per CPU)", detail)
-    return Check("build", OK, summary + ", AMX kernels off, built for this CPU", detail=detail)
+    return Check("build", OK, summary + ", AMX kernels off, no OpenMP, built for this CPU", detail=detail)
 
 
 def template_check(settings: Settings) -> Check:

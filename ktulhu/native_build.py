@@ -6,10 +6,11 @@ decode (llama.cpp issue 20824). And pip's wheel cache hands a native wheel built
 another machine with the same package version (SIGILL on a CPU without the instructions).
 
 So: every build is native *minus AMX* (`-mno-amx-*` after `-march=native` still wins in GCC and
-Clang: an explicitly disabled ISA is never re-enabled by `-march`), the wheel is built with pip's
-cache off, and it is kept in a cache outside the clone under a key made of everything that decides
-whether it runs here: package version, CMake arguments, the CPU's instruction-set flags and the
-Python tag. A different CPU gets a different key, so it builds its own wheel instead of reusing one.
+Clang: an explicitly disabled ISA is never re-enabled by `-march`) and without OpenMP (`NO_OPENMP`),
+the wheel is built with pip's cache off, and it is kept in a cache outside the clone under a key
+made of everything that decides whether it runs here: package version, CMake arguments, the CPU's
+instruction-set flags and the Python tag. A different CPU gets a different key, so it builds its
+own wheel instead of reusing one.
 The same flags build the `llama-server` of the benchmarks and the local cluster.
 
 Standard library only: it runs before the package's dependencies are installed
@@ -36,6 +37,13 @@ LLAMA_CPP_PYTHON = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
 
 #: Appended to the C and C++ flags of every llama.cpp build: no AMX kernels.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+#: ggml's own thread pool instead of OpenMP. With libgomp, every thread that runs a llama.cpp graph
+#: keeps its own team of OpenMP threads, and once the process holds more of them than the CPU has
+#: cores, libgomp stops spinning at barriers and sleeps instead: a second context computing on
+#: another thread (an embeddings request, a reloaded engine's new decode thread) made every later
+#: decode step of the chat context 2.5x slower (docs/benchmarks.md). ggml's pools belong to contexts
+#: (`engine.threadpool`), not to calling threads, so contexts on different threads no longer do that.
+NO_OPENMP = "-DGGML_OPENMP=OFF"
 #: Extra CMake arguments per GPU variant (`make setup GPU=cuda`).
 GPU_VARIANTS: dict[str, list[str]] = {"cpu": [], "cuda": ["-DGGML_CUDA=on"]}
 #: Prefixes of /proc/cpuinfo flags that name instruction sets `-march=native` may use.
@@ -68,7 +76,8 @@ def cmake_args(gpu: str = "cpu") -> list[str]:
     """The CMake arguments of every llama.cpp build of this project."""
     if gpu not in GPU_VARIANTS:
         raise BuildError(f"unknown GPU variant {gpu!r}; use one of {', '.join(GPU_VARIANTS)}")
-    return ["-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}", *GPU_VARIANTS[gpu]]
+    return ["-DGGML_NATIVE=ON", NO_OPENMP, f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
+            *GPU_VARIANTS[gpu]]
 
 
 def build_key(gpu: str = "cpu", flags: list[str] | None = None) -> str:
@@ -112,7 +121,7 @@ def ensure_wheel(gpu: str = "cpu") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         env = {**os.environ, "CMAKE_ARGS": shlex.join(cmake_args(gpu)), "FORCE_CMAKE": "1"}
-        _say(f"building {LLAMA_CPP_PYTHON} for this CPU ({gpu}, AMX off); 4-10 minutes on two cores")
+        _say(f"building {LLAMA_CPP_PYTHON} for this CPU ({gpu}, AMX and OpenMP off); 4-10 minutes on two cores")
         _run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-cache-dir", "--no-deps",
               "--no-binary", "llama-cpp-python", "--wheel-dir", tmp, LLAMA_CPP_PYTHON], env=env,
              what=f"building {LLAMA_CPP_PYTHON}")
@@ -166,7 +175,7 @@ def llama_server(gpu: str = "cpu") -> Path:
                 archive.extractall(tmp, filter="data")
             os.replace(next(Path(tmp).glob("*/vendor/llama.cpp")), source)
     build = root / "build"
-    _say(f"building llama-server ({gpu}, AMX off) into {root}")
+    _say(f"building llama-server ({gpu}, AMX and OpenMP off) into {root}")
     _run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON",
           "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", *cmake_args(gpu)],
          what="configuring llama-server")

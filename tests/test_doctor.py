@@ -78,13 +78,16 @@ async def test_a_store_held_by_another_process_is_a_warning(server_dir: Path) ->
     Store.open(settings.db_dir).close()
 
 
-def test_a_build_for_another_cpu_or_with_amx_fails() -> None:
+def test_a_build_for_another_cpu_or_with_amx_fails_and_openmp_warns() -> None:
     marker = {**native_build.read_marker(), "cpu": ["sse", "sse2"]}
     info = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 |"
     other = doctor.build_check(marker, info, False)
     assert other.status == "fail" and "another CPU" in other.summary and "make setup" in other.fix
     amx = doctor.build_check(native_build.read_marker(), info + " AMX_INT8 = 1 |", False)
     assert amx.status == "fail" and "20824" in amx.fix
+    openmp = doctor.build_check(native_build.read_marker(), info + " OPENMP = 1 |", False)
+    assert openmp.status == "warn" and "2.5x" in openmp.fix and "make setup" in openmp.fix
+    assert doctor.build_check(native_build.read_marker(), info, False).status == "ok"
     unknown = doctor.build_check(None, info, False)  # a pip-installed wheel of unknown origin
     assert unknown.status == "warn" and "make setup" in unknown.fix
 

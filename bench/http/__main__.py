@@ -20,6 +20,9 @@ Then `returning chats`: more chats than slots (`--chats`, twice the slots by def
 turn, so every chat comes back after the others have taken its slot; both servers keep such caches
 in host memory (llama-server's `--cache-ram`, Ktulhu's `KTULHU_PREFIX_STORE_MB`). Per turn and
 system, interleaved: time to first token p50 and the prompt tokens served from a cache.
+Last, `after embeddings`: Ktulhu's inter-token mean at one stream before and after one
+`/v1/embeddings` request, whose context computes on another thread than the chat context's (with
+an OpenMP build of llama.cpp that made every later decode step 2.5x slower).
 Results: bench/results/http.json and a table on stdout.
 """
 
@@ -57,6 +60,8 @@ TOPICS = ["the sea", "mountains", "a city at night", "an old library", "the dese
           "a space station", "a small village", "the northern lights", "a busy market", "a lighthouse",
           "a train journey", "a winter garden", "a river delta", "a volcano", "a coral reef"]
 KEY = "bench-" + "k" * 40
+#: Rounds of the `after embeddings` requests: prompts no other scenario sends.
+EMBEDDINGS_ROUND = 1000
 #: An engine idle this long after a `/ws` batch has no title left to make (the worker starts the next
 #: one within milliseconds of the engine going idle).
 QUIET_S = 2.0
@@ -259,6 +264,26 @@ async def compare(systems: list[System], levels: list[int], rounds: int) -> dict
     return results
 
 
+async def after_embeddings(base: str, max_tokens: int, rounds: int) -> dict[str, float]:
+    """Inter-token mean (ms) of `rounds` sequential one-stream requests, before and after one
+    `/v1/embeddings` request."""
+    async def itl_mean(first_round: int) -> float:
+        gaps: list[float] = []
+        for round_ in range(first_round, first_round + rounds):
+            records, _ = await v1_batch(base, max_tokens, 1, round_, [])
+            gaps += records[0].gaps
+        return round(1e3 * statistics.fmean(gaps), 2)
+
+    before = await itl_mean(EMBEDDINGS_ROUND)
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(f"{base}/v1/embeddings", json={"input": "a short text to embed"},
+                                   headers={"Authorization": f"Bearer {KEY}"})
+        response.raise_for_status()
+    after = await itl_mean(EMBEDDINGS_ROUND + rounds)
+    print(f"[after embeddings] ktulhu inter-token mean at 1 stream {before} ms before, {after} ms after", flush=True)
+    return {"itl_mean_ms_before": before, "itl_mean_ms_after": after}
+
+
 def prompt_lengths(systems: list[System]) -> dict[str, float]:
     """Mean prompt tokens per system: `/ws` is longer (the routed system prompt), and says so."""
     lengths = {s.name: round(statistics.fmean(s.prompt_tokens), 1) for s in systems if s.prompt_tokens}
@@ -315,6 +340,7 @@ def main() -> None:
             lengths = prompt_lengths(systems)
             returning = trio.run(returning_chats, {"ktulhu": ours.url, "llama-server": theirs.base},
                                  args.chats or 2 * args.slots, args.turns, args.chat_tokens)
+            embedded = trio.run(after_embeddings, ours.url, args.max_tokens, args.rounds)
         finally:
             ours.stop()
             theirs.close()
@@ -325,7 +351,8 @@ def main() -> None:
               "ktulhu-ws": "/ws prompts with the same user messages: Ktulhu's routed system prompt (longer "
                            "prompts), a new chat each, titles awaited outside the clock", "levels": results,
               "returning_chats": {"chats": args.chats or 2 * args.slots, "reply_tokens": args.chat_tokens,
-                                  "turns": returning}}
+                                  "turns": returning},
+              "after_embeddings": embedded}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")
 

@@ -36,6 +36,7 @@ from ..settings import Settings
 from . import llama_log
 from .model import Model, ModelLoadError
 from .request import Busy, EngineClosed, EngineError
+from .threadpool import ThreadPool
 from .worker import physical_cores
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class _EmbeddingContext:
     n_embd: int
     n_vocab: int
     pooling: int
+    threads: ThreadPool
     #: The running request's cancellation check (raises `trio.Cancelled` once its caller went away).
     _check: Callable[[], None] | None = None
     #: Polled by llama.cpp between graph nodes: a long batch stops soon after its caller went away.
@@ -200,7 +202,8 @@ class _EmbeddingContext:
         log.info("embedding context ready: %s, %d tokens, %s pooling, %d dimensions", Path(model.info.path).name,
                  n_ctx, _POOLING_NAMES[pooling], _embedding_size(model))
         return cls(model=model, owns_model=owns, ctx=ctx, batch=llama_cpp.llama_batch_init(n_ctx, 0, 1), n_ctx=n_ctx,
-                   n_embd=_embedding_size(model), n_vocab=model.info.n_vocab, pooling=pooling)
+                   n_embd=_embedding_size(model), n_vocab=model.info.n_vocab, pooling=pooling,
+                   threads=ThreadPool(ctx, threads))
 
     def tokens_of(self, inputs: Sequence[Input]) -> list[list[int]]:
         """Each input as token ids, checked: not empty, ids in the vocabulary, within the context."""
@@ -287,6 +290,7 @@ class _EmbeddingContext:
     def close(self) -> None:
         if self.ctx is not None:
             llama_cpp.llama_batch_free(self.batch)
+            self.threads.close()
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
             if self.owns_model:

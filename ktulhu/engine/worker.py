@@ -58,6 +58,7 @@ from .request import EngineClosed, EngineError, EngineEvents, Finished, Generati
 from .sampling import TokenSampler, token_logprobs
 from .slot_choice import choose_slot, common_prefix, copy_source, min_copied_tokens
 from .step_cost import MIN_PREFILL_CHUNK, StepCost
+from .threadpool import ThreadPool
 
 __all__ = ["GATHER_MAX_S", "DecodeWorker", "WorkerStats", "physical_cores"]
 
@@ -193,6 +194,7 @@ class DecodeWorker:
                 f"llama.cpp could not create a context of {n_slots} x {n_ctx_seq} tokens "
                 "(not enough memory? lower KTULHU_SLOTS or LLAMA_CLI_CTX)"
             )
+        self.threads = ThreadPool(self.ctx, n_threads)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.slots = [_Slot(sid) for sid in range(n_slots)]
@@ -334,6 +336,7 @@ class DecodeWorker:
                 self._call_trio(self._inbox.popleft().fail, EngineClosed("the server is shutting down"))
             self._post_calls()
             llama_cpp.llama_batch_free(self.batch)
+            self.threads.close()
             llama_cpp.llama_free(self.ctx)
             self.stopped.set()
 

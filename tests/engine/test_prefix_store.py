@@ -156,8 +156,9 @@ async def test_a_chat_whose_slot_others_took_continues_from_its_saved_cache(
         await _reply(engine, first, "alice")  # regenerated in its own slot: the old reply is not kept
         assert worker.store is not None and worker.store.entries == []
         await _replies(engine, pirates)
-        [saved] = worker.store.entries
-        assert saved.chat_id == "alice" and saved.tokens[:len(first)] == tuple(first)
+        # the idle worker may also save the pirates' slots ahead (when their copy fits a decode step)
+        [saved] = [entry for entry in worker.store.entries if entry.chat_id == "alice"]
+        assert saved.tokens[:len(first)] == tuple(first)
         second = smol_model.tokenize(smol_model.detokenize(first) + answer
                                      + "<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n",
                                      special=True)
