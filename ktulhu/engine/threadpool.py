@@ -9,6 +9,7 @@ llama-cpp-python does not bind these functions, so they are called through ctype
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import llama_cpp
@@ -28,7 +29,9 @@ class _Params(ctypes.Structure):
                 ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
 
 
+@functools.cache
 def _functions():
+    """ggml's and llama.cpp's pool functions, typed once per process."""
     libs = Path(llama_cpp.__file__).parent / "lib"
     base = ctypes.CDLL(str(libs / "libggml-base.so"))
     cpu = ctypes.CDLL(str(libs / "libggml-cpu.so"))
